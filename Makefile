@@ -1,0 +1,45 @@
+# provhpc: `make demo` and `make test` do all their own set-up.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.provhpc-installed
+TORCH ?= torch==2.13.0
+NP ?= 4
+
+.PHONY: venv demo test test-unit test-mpi test-slurm test-multinode bench clean lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[all]' '$(TORCH)'
+	$(BIN)/python -c "import provhpc, mpi4py, h5py, zmq"
+	test -x $(BIN)/mpiexec
+	touch $(STAMP)
+
+demo: venv
+	rm -rf provenance/demo-*
+	cd examples && ../$(BIN)/mpiexec -n $(NP) ../$(BIN)/provhpc run --out ../provenance -- ../$(BIN)/python train_mlp.py --epochs 3
+	$(BIN)/provhpc summary provenance
+
+test: venv
+	bash tests/run.sh
+
+test-unit: venv
+	bash tests/run.sh unit
+
+test-mpi: venv
+	bash tests/run.sh mpi
+
+test-slurm: venv
+	bash tests/run.sh slurm
+
+test-multinode: venv
+	bash tests/run.sh multinode
+
+bench: venv
+	$(BIN)/python benchmarks/capture_cost.py
+
+clean:
+	rm -rf provenance examples/provenance examples/data examples/checkpoints build *.egg-info

@@ -1,0 +1,365 @@
+"""The per-rank capture agent.
+
+API calls encode records on the caller's thread straight into the current
+slot of the rank's shared-memory segment (``emit``).  One I/O thread owns the
+ZeroMQ socket: it announces sealed slots to the node aggregator, takes the
+acknowledgements that free them, seals a slot older than half the flush
+interval, and says goodbye at shutdown.  The lock guards the slot cursor only;
+it is never held across I/O or while waiting for the aggregator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket as _socket
+import threading
+import time
+from collections import deque
+
+import zmq
+
+from . import protocol as P
+from .records import (
+    ACTIVITY_END,
+    ACTIVITY_START,
+    RECORD,
+    RECORD_SIZE,
+    STRING,
+    F_TRUNCATED,
+)
+from .segment import DROP_REASONS, FILLING, FREE, SEALED, Segment
+
+log = logging.getLogger("provhpc.agent")
+
+BACKPRESSURE, NO_AGGREGATOR, AFTER_SHUTDOWN, ENCODE = range(4)
+_time_ns = time.time_ns
+
+
+class Agent:
+    """Capture for one process (a rank, or a forked worker of a rank)."""
+
+    def __init__(self, cfg, ident, run_id: str, endpoint: str, segment_path: str,
+                 id_base: int = 0, role: str = "rank"):
+        self.cfg, self.ident, self.run_id, self.role = cfg, ident, run_id, role
+        self.rank = ident.rank
+        self.pid = os.getpid()
+        self.endpoint = endpoint
+        heap = max(cfg.slot_heap, 256)
+        self.max_string = min(cfg.max_string, heap)
+        self.seg = Segment.create(segment_path, ident.rank, cfg.slots, cfg.slot_records, heap)
+        lay = self.seg.layout
+        self._mm, self._layout = self.seg.mm, lay
+        self._u32, self._u64 = self.seg.u32, self.seg.u64
+        self._pack = RECORD.pack_into
+        self._lock = threading.Lock()
+        self._slot_freed = threading.Condition(self._lock)
+        self._free = deque(range(lay.slots))
+        self._slot, self._n, self._cap, self._off = -1, 0, 0, 0
+        self._heap = 0
+        self._opened = 0.0
+        self._seq = 0
+        self._starved = False
+        self._strings: dict[str, int] = {}
+        self._next_sid = itertools.count(1).__next__
+        self.next_id = itertools.count(id_base + 1).__next__
+        self.records = 0
+        self.open_activities: dict[int, None] = {}
+        self._strings[""] = 0
+        self._outbox: deque = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._closing = threading.Event()
+        self._welcomed = threading.Event()
+        self._done = threading.Event()
+        self.mode = "pending"
+        self.farewell = False
+        self.status = "ok"
+        self.exit_code = 0
+        self._thread = threading.Thread(target=self._io_main, name="provhpc-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ hot path
+    def emit(self, kind, vtype, flags, oid, ref, t, name, sval, step, ival, fval) -> bool:
+        """Write one record; ``name`` and ``sval`` are strings (or None)."""
+        strings = self._strings
+        with self._lock:
+            nid = strings.get(name) if name is not None else 0
+            if nid is None:
+                nid = self._define(name)
+                if nid is None:
+                    return False
+            if sval is None:
+                sid = 0
+            else:
+                sid = strings.get(sval)
+                if sid is None:
+                    sid = self._define(sval)
+                    if sid is None:
+                        return False
+            if self._n >= self._cap and not self._rotate():
+                self._drop(BACKPRESSURE)
+                return False
+            self._pack(self._mm, self._off, kind, vtype, flags, self.rank, oid, ref, t, nid, sid,
+                       step, ival, fval)
+            self._off += RECORD_SIZE
+            self._n += 1
+            self._u32[self._slot * 8 + 1] = self._n
+            self.records += 1
+        return True
+
+    def _define(self, text: str):
+        """Intern ``text``: a STRING record plus its bytes in the slot heap (lock held)."""
+        data = text.encode("utf-8", "backslashreplace")
+        flags = 0
+        if len(data) > self.max_string:
+            data = data[: self.max_string].decode("utf-8", "ignore").encode()
+            flags = F_TRUNCATED
+        if (self._n >= self._cap or self._heap + len(data) > self._layout.heap) and not self._rotate():
+            self._drop(BACKPRESSURE)
+            return None
+        sid = self._next_sid()
+        start = self._layout.heap_offset(self._slot) + self._heap
+        self._mm[start:start + len(data)] = data
+        self._pack(self._mm, self._off, STRING, 0, flags, self.rank, sid, 0, 0, 0, 0, len(data),
+                   self._heap, 0.0)
+        self._heap += len(data)
+        self._off += RECORD_SIZE
+        self._n += 1
+        base = self._slot * 8
+        self._u32[base + 2] = self._heap
+        self._u32[base + 1] = self._n
+        self._strings[text] = sid
+        return sid
+
+    def _drop(self, reason: int, n: int = 1) -> None:
+        self.seg.drops[reason] += n
+
+    def drop(self, reason: int, n: int = 1) -> None:
+        with self._lock:
+            self._drop(reason, n)
+
+    # ------------------------------------------------------------------ slots
+    def _rotate(self) -> bool:
+        """Seal the current slot and open a free one (lock held).
+
+        Waits up to the backpressure timeout for a free slot; after one
+        timeout the agent is 'starved' and drops at once until a slot frees,
+        so a dead aggregator costs the training one timeout, not one per call.
+        """
+        if self._slot >= 0:
+            if self._n == 0 and self._heap == 0:
+                return True
+            self._seal_locked()
+        if not self._free:
+            if self._starved or self._closing.is_set() and self.mode != "shm":
+                return False
+            deadline = time.monotonic() + self.cfg.backpressure_timeout
+            while not self._free:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._slot_freed.wait(left):
+                    if not self._free:
+                        self._starved = True
+                        return False
+        slot = self._free.popleft()
+        self._seq += 1
+        lay = self._layout
+        base = slot * 8
+        self._u32[base + 1] = 0
+        self._u32[base + 2] = 0
+        self._u64[slot * 4 + 2] = self._seq
+        self._u64[slot * 4 + 3] = time.monotonic_ns()
+        self._u32[base] = FILLING
+        self._slot, self._n, self._cap, self._heap = slot, 0, lay.slot_records, 0
+        self._off = lay.records_offset(slot)
+        self._opened = time.monotonic()
+        return True
+
+    def _seal_locked(self) -> None:
+        slot = self._slot
+        self._u32[slot * 8] = SEALED
+        self._outbox.append((slot, self._seq, self._n, self._heap))
+        self._slot, self._n, self._cap = -1, 0, 0
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the I/O thread is already awake
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            if self.seg.state(slot) == SEALED:
+                self._u32[slot * 8] = FREE
+                self._free.append(slot)
+                self._starved = False
+                self._slot_freed.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Hand the current slot over and wait until every sealed slot is acknowledged."""
+        with self._lock:
+            if self._slot >= 0 and (self._n or self._heap):
+                self._seal_locked()
+        deadline = time.monotonic() + (self.cfg.shutdown_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline and self.mode == "shm" and self._thread.is_alive():
+            with self._lock:
+                if len(self._free) == self._layout.slots:
+                    return True
+            time.sleep(0.002)
+        return False
+
+    # ------------------------------------------------------------------ I/O thread
+    def _io_main(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"{self.rank}:{self.pid}".encode())
+        try:
+            sock.connect(self.endpoint)
+            self._io_loop(sock)
+        except Exception:  # the I/O thread must never take the training down
+            log.exception("provhpc I/O thread failed; further records are counted as dropped")
+            self.mode = "failed"
+        finally:
+            self._welcomed.set()
+            sock.close(0)
+            ctx.term()
+            self._done.set()
+
+    def _hello(self) -> dict:
+        ident = self.ident
+        return {"rank": ident.rank, "local_rank": ident.local_rank, "size": ident.size,
+                "pid": self.pid, "host": _socket.gethostname(), "node": ident.node,
+                "gpu": ident.gpu, "role": self.role, "segment": self.seg.path,
+                "start": time.time_ns(), "run_id": self.run_id}
+
+    def _io_loop(self, sock) -> None:
+        sock.send_multipart([P.HELLO, P.dumps(self._hello())])
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        while self.mode == "pending":
+            if time.monotonic() > deadline:
+                log.warning("provhpc: no aggregator at %s; records will be counted as dropped",
+                            self.endpoint)
+                self.mode = "detached"
+                break
+            if dict(poller.poll(100)).get(sock):
+                self._on_message(sock.recv_multipart())
+        self._welcomed.set()
+        tick = max(1, int(self.cfg.flush_interval * 100))  # ms: a tenth of the interval
+        age = self.cfg.flush_interval / 2
+        while True:
+            events = dict(poller.poll(tick))
+            if events.get(self._wake_r):
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if events.get(sock):
+                while True:
+                    try:
+                        self._on_message(sock.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            if self._slot >= 0 and time.monotonic() - self._opened >= age:
+                with self._lock:
+                    if self._slot >= 0 and (self._n or self._heap):
+                        self._seal_locked()
+            self._send_outbox(sock)
+            if self._closing.is_set() and not self._outbox:
+                self._goodbye(sock, poller)
+                return
+
+    def _send_outbox(self, sock) -> None:
+        while self._outbox:
+            slot, seq, n, heap = self._outbox.popleft()
+            if self.mode == "shm":
+                sock.send_multipart([P.BATCH, P.BATCH_FMT.pack(slot, seq, n, heap)])
+            elif self.mode == "inline":
+                lay = self._layout
+                r0, h0 = lay.records_offset(slot), lay.heap_offset(slot)
+                sock.send_multipart([P.BATCH, P.BATCH_FMT.pack(slot, seq, n, heap),
+                                     bytes(self._mm[r0:r0 + n * RECORD_SIZE]),
+                                     bytes(self._mm[h0:h0 + heap])])
+            else:  # detached or failed: nobody will take it
+                with self._lock:
+                    self._drop(NO_AGGREGATOR, n)
+                self._release(slot)
+
+    def _on_message(self, frames) -> None:
+        kind = frames[0]
+        if kind == P.ACK:
+            slot, _seq = P.ACK_FMT.unpack(frames[1])
+            if 0 <= slot < self._layout.slots:
+                self._release(slot)
+        elif kind == P.WELCOME:
+            msg = P.loads(frames[1])
+            self.mode = msg.get("mode", "detached") if "error" not in msg else "detached"
+            if "error" in msg:
+                log.warning("provhpc: aggregator refused this rank: %s", msg["error"])
+        elif kind == P.FAREWELL:
+            self.farewell = True
+        elif kind == P.NACK:
+            log.warning("provhpc: aggregator reported %s", bytes(frames[1][:200]))
+
+    def _goodbye(self, sock, poller) -> None:
+        if self.mode not in ("shm", "inline"):
+            return
+        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        # Wait for the acks of every batch, then say goodbye and wait for the farewell.
+        while time.monotonic() < deadline and len(self._free) < self._layout.slots:
+            if dict(poller.poll(20)).get(sock):
+                self._on_message(sock.recv_multipart())
+        drops = self.seg.drop_counts()
+        sock.send_multipart([P.GOODBYE, P.dumps({
+            "status": self.status, "exit_code": self.exit_code, "records": self.records,
+            "dropped": drops, "end": time.time_ns()})])
+        while time.monotonic() < deadline and not self.farewell:
+            if dict(poller.poll(20)).get(sock):
+                self._on_message(sock.recv_multipart())
+        if not self.farewell:
+            log.warning("provhpc: rank %d: no farewell from the aggregator within %.1fs; "
+                        "segment %s kept for `provhpc recover`", self.rank,
+                        self.cfg.shutdown_timeout, self.seg.path)
+
+    # ------------------------------------------------------------------ lifecycle
+    def wait_ready(self, timeout: float) -> bool:
+        return self._welcomed.wait(timeout) and self.mode in ("shm", "inline")
+
+    def shutdown(self, status: str = "ok", exit_code: int = 0) -> bool:
+        """Seal, hand everything over, say goodbye; True when all is on disk."""
+        if self._closing.is_set():
+            return self.farewell
+        self.status, self.exit_code = status, exit_code
+        with self._lock:
+            if self._slot >= 0 and (self._n or self._heap):
+                self._seal_locked()
+            self._closing.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+        self._thread.join(self.cfg.shutdown_timeout + 1.0)
+        pid = os.getpid()
+        if pid == self.pid:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        # Keep the segment when the aggregator did not confirm: `provhpc recover` reads it.
+        self.seg.close(unlink=self.farewell)
+        return self.farewell
+
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's agent without touching its segment."""
+        self._closing.set()
+
+    @property
+    def dropped(self) -> dict:
+        return self.seg.drop_counts()
+
+
+def drop_reason_name(index: int) -> str:
+    return DROP_REASONS[index]
+
+
+__all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]

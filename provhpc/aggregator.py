@@ -1,0 +1,400 @@
+"""The per-node aggregator: the only writer of its node's partition.
+
+It maps each local rank's segment, takes sealed slots, remaps rank-local
+string ids, appends to the partition, flushes and only then acknowledges the
+slot.  It watches the ranks' pids and salvages a dead rank's segment.  The
+same class runs as a thread in tests (``start_thread``) and as a process in
+production (``provhpc aggregate``); sockets and files are created in
+``serve`` on the thread that uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from . import __version__
+from . import protocol as P
+from .partition import PartitionWriter
+from .records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
+from .segment import DROP_REASONS, Segment, shm_dir
+
+log = logging.getLogger("provhpc.aggregator")
+
+MAX_FRAME = 64 << 20
+
+
+class Stream:
+    """One connected process (a rank, or a forked worker of one)."""
+
+    def __init__(self, key: bytes, hello: dict, seg: Segment | None, mode: str):
+        self.key, self.hello, self.seg, self.mode = key, hello, seg, mode
+        self.rank = int(hello["rank"])
+        self.pid = int(hello["pid"])
+        self.role = str(hello.get("role", "rank"))[:8]
+        self.expected_seq = 1
+        self.smap = np.zeros(1024, "<u4")
+        self.records = 0
+        self.salvaged = 0
+        self.closed = False
+        self.last_seen = time.monotonic()
+
+
+class Aggregator:
+    def __init__(self, cfg, run_id: str, node: str, out: str, endpoint: str, ready_path: str,
+                 expect: int = 0, linger: float = 30.0, meta: dict | None = None):
+        self.cfg, self.run_id, self.node = cfg, run_id, node
+        self.out, self.endpoint, self.ready_path = out, endpoint, ready_path
+        self.expect, self.linger = expect, linger
+        self.meta = meta or {}
+        self.path = os.path.join(out, run_id, f"{node}.h5")
+        self.streams: dict[bytes, Stream] = {}
+        self.closed_ranks = 0
+        self._stop = threading.Event()
+        self._drain_deadline = None
+        self.writer: PartitionWriter | None = None
+        self.ready = threading.Event()
+        self.exit_status = 0
+        self._seg_prefix = f"provhpc-{os.getuid()}-{run_id}-"
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Drain: let connected ranks finish for a short grace, salvage the rest, close."""
+        self._stop.set()
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve, name="provhpc-aggregator", daemon=True)
+        t.start()
+        return t
+
+    def serve(self) -> int:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        attrs = {"run_id": self.run_id, "node": self.node, "created": time.time_ns(),
+                 "config": self.cfg.to_dict(), "meta": self.meta,
+                 "writer": f"provhpc {__version__}", "expect": self.expect}
+        self.writer = PartitionWriter(self.path, attrs, self.cfg.compression)
+        os.chmod(self.path, 0o600)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        try:
+            old = os.umask(0o077)  # the ipc socket file is owner-only
+            try:
+                sock.bind(self.endpoint)
+            finally:
+                os.umask(old)
+            self._write_ready()
+            self.ready.set()
+            self._loop(sock)
+        finally:
+            self._finish()
+            sock.close(0)
+            ctx.term()
+            self._cleanup_rendezvous()
+        return self.exit_status
+
+    def _write_ready(self) -> None:
+        tmp = f"{self.ready_path}.{os.getpid()}.tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump({"pid": os.getpid(), "endpoint": self.endpoint, "path": self.path}, fh)
+        os.replace(tmp, self.ready_path)
+
+    def _cleanup_rendezvous(self) -> None:
+        for p in (self.ready_path, self.endpoint.replace("ipc://", "", 1)):
+            if p and not p.startswith(("tcp:", "@")):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self, sock) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        tick = max(10, int(self.cfg.heartbeat * 1000))
+        last_check = time.monotonic()
+        idle_since = time.monotonic()
+        while True:
+            if dict(poller.poll(tick)).get(sock):
+                for _ in range(1000):  # bound the burst so liveness checks still run
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._handle(sock, frames)
+                idle_since = time.monotonic()
+            now = time.monotonic()
+            if now - last_check >= self.cfg.heartbeat:
+                last_check = now
+                self._check_liveness()
+            if self._stop.is_set() and self._drain_deadline is None:
+                self._drain_deadline = now + min(3.0, self.cfg.shutdown_timeout)
+            if self._done(now, idle_since):
+                return
+
+    def _done(self, now: float, idle_since: float) -> bool:
+        open_streams = [s for s in self.streams.values() if not s.closed]
+        if self._drain_deadline is not None:
+            if not open_streams or now >= self._drain_deadline:
+                for s in open_streams:
+                    self._salvage(s, "terminated")
+                return True
+            return False
+        if open_streams:
+            return False
+        if self.expect and self.closed_ranks >= self.expect:
+            return True
+        return now - idle_since >= self.linger
+
+    def _handle(self, sock, frames) -> None:
+        if len(frames) < 3:
+            return self._malformed(sock, frames[0] if frames else b"", "short message")
+        key, kind, payload = frames[0], frames[1], frames[2]
+        try:
+            if kind == P.HELLO:
+                self._on_hello(sock, key, P.loads(payload))
+            elif kind == P.BATCH:
+                self._on_batch(sock, key, payload, frames[3:])
+            elif kind == P.GOODBYE:
+                self._on_goodbye(sock, key, P.loads(payload))
+            elif kind == P.HEARTBEAT:
+                s = self.streams.get(key)
+                if s is not None:
+                    s.last_seen = time.monotonic()
+            else:
+                self._malformed(sock, key, f"unknown frame type {bytes(kind[:8])!r}")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+            self._malformed(sock, key, f"{type(exc).__name__}: {exc}")
+
+    def _malformed(self, sock, key, why: str) -> None:
+        self.writer.counters["malformed_frames"] += 1
+        log.warning("malformed frame from %r: %s", bytes(key[:32]), why)
+        if key:
+            try:
+                sock.send_multipart([key, P.NACK, why.encode()[:200]], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    # ------------------------------------------------------------------ messages
+    def _on_hello(self, sock, key: bytes, hello: dict) -> None:
+        rank, pid = int(hello["rank"]), int(hello["pid"])
+        if hello.get("run_id") != self.run_id:
+            return self._refuse(sock, key, f"run id {hello.get('run_id')!r} is not {self.run_id!r}")
+        old = self.streams.get(key)
+        if old is not None and not old.closed:
+            return self._malformed(sock, key, "second hello on an open stream")
+        seg, mode = None, "inline"
+        path = str(hello.get("segment", ""))
+        if path:
+            try:
+                seg = self._attach(path, rank, pid)
+                mode = "shm"
+            except (OSError, ValueError) as exc:
+                log.info("rank %d: segment %s not mapped (%s); inline mode", rank, path, exc)
+        s = Stream(key, hello, seg, mode)
+        self.streams[key] = s
+        self.writer.upsert_rank((rank, pid), {
+            "rank": rank, "local_rank": int(hello.get("local_rank", -1)), "pid": pid,
+            "role": s.role, "host": str(hello.get("host", "")), "node": self.node,
+            "gpu": str(hello.get("gpu", "")), "start": int(hello.get("start", 0)),
+            "status": "running", "reported": -1})
+        self.writer.flush()
+        sock.send_multipart([key, P.WELCOME, P.dumps({"mode": mode})])
+
+    def _refuse(self, sock, key, why: str) -> None:
+        self.writer.counters["refused_hellos"] += 1
+        log.warning("refused hello from %r: %s", bytes(key[:32]), why)
+        sock.send_multipart([key, P.WELCOME, P.dumps({"error": why})])
+
+    def _attach(self, path: str, rank: int, pid: int) -> Segment:
+        """Map a segment, but only one of this user's and this run's, in the shm dir."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != os.path.realpath(shm_dir()):
+            raise ValueError("segment outside the shared-memory directory")
+        if not os.path.basename(real).startswith(self._seg_prefix):
+            raise ValueError("segment of another user or run")
+        seg = Segment.attach(real)
+        if seg.rank != rank or seg.pid != pid:
+            seg.close()
+            raise ValueError("segment header does not match the hello")
+        return seg
+
+    def _on_batch(self, sock, key: bytes, payload: bytes, inline) -> None:
+        s = self.streams.get(key)
+        if s is None or s.closed:
+            return self._malformed(sock, key, "batch from an unknown or closed stream")
+        slot, seq, count, heap_used = P.BATCH_FMT.unpack(payload)
+        s.last_seen = time.monotonic()
+        if s.mode == "shm":
+            lay = s.seg.layout
+            if slot >= lay.slots or count > lay.slot_records or heap_used > lay.heap:
+                return self._malformed(sock, key, "batch outside the segment geometry")
+            if seq < s.expected_seq:  # a replay: already on disk, just free the slot again
+                self.writer.counters["replayed_batches"] += 1
+                return sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
+            recs, heap = s.seg.records(slot, count), s.seg.heap(slot, heap_used)
+        else:
+            if len(inline) != 2 or len(inline[0]) != count * RECORD_SIZE \
+                    or len(inline[1]) != heap_used:
+                return self._malformed(sock, key, "inline batch with inconsistent lengths")
+            if seq < s.expected_seq:
+                self.writer.counters["replayed_batches"] += 1
+                return sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
+            recs = np.frombuffer(inline[0], RECORD_DTYPE).copy()
+            heap = bytes(inline[1])
+        if seq > s.expected_seq:
+            self.writer.counters["sequence_gaps"] += 1
+            log.warning("rank %d: batches %d..%d missing", s.rank, s.expected_seq, seq - 1)
+        s.expected_seq = seq + 1
+        self._ingest(s, recs, heap, 0)
+        self._flush()
+        sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
+
+    def _on_goodbye(self, sock, key: bytes, msg: dict) -> None:
+        s = self.streams.get(key)
+        if s is None or s.closed:
+            return self._malformed(sock, key, "goodbye from an unknown or closed stream")
+        drops = {str(k): int(v) for k, v in dict(msg.get("dropped", {})).items()}
+        self._close_stream(s, str(msg.get("status", "ok")), int(msg.get("exit_code", 0)),
+                           int(msg.get("end", time.time_ns())), int(msg.get("records", -1)), drops)
+        sock.send_multipart([key, P.FAREWELL, b""])
+
+    # ------------------------------------------------------------------ ingest
+    def _ingest(self, s: Stream, recs: np.ndarray, heap: bytes, flags: int) -> None:
+        is_str = recs["kind"] == STRING
+        if is_str.any():
+            for r in recs[is_str]:
+                off, length, sid = int(r["ival"]), int(r["step"]), int(r["id"])
+                if off < 0 or length < 0 or off + length > len(heap) or sid <= 0 or sid > 1 << 31:
+                    self.writer.counters["malformed_frames"] += 1
+                    continue
+                if sid >= len(s.smap):
+                    s.smap = np.concatenate([s.smap, np.zeros(max(sid + 1, 2 * len(s.smap)) -
+                                                              len(s.smap), "<u4")])
+                s.smap[sid] = self._intern(heap[off:off + length], int(r["flags"]))
+            recs = recs[~is_str]
+        if not len(recs):
+            return
+        names, svals = recs["name"], recs["sval"]
+        if names.max(initial=0) >= len(s.smap) or svals.max(initial=0) >= len(s.smap):
+            self.writer.counters["malformed_frames"] += 1
+            keep = (names < len(s.smap)) & (svals < len(s.smap))
+            recs, names, svals = recs[keep], names[keep], svals[keep]
+        recs["name"] = s.smap[names]
+        recs["sval"] = s.smap[svals]
+        recs["rank"] = s.rank  # the stream's rank, whatever the frame claims
+        if flags:
+            recs["flags"] |= flags
+        try:
+            self.writer.append(recs)
+        except OSError as exc:  # disk full, read-only: count, keep serving
+            self.writer.counters["write_errors"] += 1
+            self.writer.counters["dropped_records"] += len(recs)
+            log.error("cannot write %d records of rank %d: %s", len(recs), s.rank, exc)
+            return
+        s.records += len(recs)
+
+    def _intern(self, data: bytes, flags: int) -> int:
+        try:
+            return self.writer.intern(data, flags)
+        except OSError:
+            self.writer.counters["write_errors"] += 1
+            return 0
+
+    def _flush(self) -> None:
+        try:
+            self.writer.flush()
+        except OSError as exc:
+            self.writer.counters["write_errors"] += 1
+            log.error("flush failed: %s", exc)
+
+    # ------------------------------------------------------------------ liveness and salvage
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for s in list(self.streams.values()):
+            if s.closed:
+                continue
+            if s.mode == "shm":
+                if not _alive(s.pid):
+                    self._salvage(s, "killed")
+            elif now - s.last_seen > max(10.0, 20 * self.cfg.heartbeat):
+                self._close_stream(s, "lost", -1, time.time_ns(), -1, {})
+
+    def _salvage(self, s: Stream, status: str) -> None:
+        """Take every record the rank wrote that is not yet on disk, oldest slot first."""
+        if s.seg is not None:
+            for slot in s.seg.pending(s.expected_seq - 1):
+                recs = s.seg.records(slot, s.seg.count(slot))
+                before = s.records
+                self._ingest(s, recs, s.seg.heap(slot, s.seg.heap_used(slot)), F_SALVAGED)
+                s.salvaged += s.records - before
+                s.expected_seq = s.seg.seq(slot) + 1
+            self.writer.counters["salvaged_records"] += s.salvaged
+            drops = s.seg.drop_counts()
+        else:
+            drops = {}
+        self._close_stream(s, status, -1, time.time_ns(), -1, drops)
+
+    def _close_stream(self, s: Stream, status, exit_code, end, reported, drops) -> None:
+        s.closed = True
+        if s.role == "rank":
+            self.closed_ranks += 1
+        drops = {k: v for k, v in drops.items() if v}
+        self.writer.upsert_rank((s.rank, s.pid), {
+            "end": end, "status": status, "exit_code": exit_code, "records": s.records,
+            "reported": reported, "dropped": sum(drops.values()), "salvaged": s.salvaged})
+        if drops:
+            self.writer.set_drops(s.rank, s.pid, drops)
+            self.writer.counters["dropped_records"] += sum(drops.values())
+        self._flush()
+        if s.seg is not None:
+            s.seg.close(unlink=True)
+
+    def _finish(self) -> None:
+        if self.writer is None:
+            return
+        for s in self.streams.values():
+            if not s.closed:
+                self._salvage(s, "terminated")
+        try:
+            self.writer.close({"complete_reason": "all ranks closed",
+                               "drop_reasons": list(DROP_REASONS)})
+        except OSError as exc:
+            log.error("closing %s failed: %s", self.path, exc)
+            self.exit_status = 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_process(agg: Aggregator) -> int:
+    """Run as the node's aggregator process: SIGTERM/SIGINT drain and close."""
+    def _on_signal(signum, _frame):
+        log.info("signal %d: draining", signum)
+        agg.stop()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s provhpc-aggregator[{agg.node}] %(levelname)s %(message)s")
+    return agg.serve()

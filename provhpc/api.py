@@ -1,0 +1,438 @@
+"""The capture API.  Every call is a cheap no-op while no agent runs.
+
+Instruments: ``task``, ``stage``, ``epoch`` (activities: context manager,
+decorator, or explicit ``start()``/``end()``), ``metric``, ``hyperparameters``,
+``data`` (entities), ``attribute``.  Misuse (an empty or non-string name, an
+``end`` without a ``start``) raises ``ValueError`` where it is written;
+everything else is coerced by the documented rules or counted as dropped.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import hashlib
+import os
+import time
+
+from . import records as R
+
+_agent = None  # the process's Agent, set by provhpc.init()
+_fork_info = None  # in a forked child: what it needs to start its own agent lazily
+_current = contextvars.ContextVar("provhpc_activity", default=0)
+_time_ns = time.time_ns
+_NO_STEP = R.NO_STEP
+_METRIC, _V_FLOAT, _ATTRIBUTE = R.METRIC, R.V_FLOAT, R.ATTRIBUTE
+
+ROLE_ATTRIBUTE, ROLE_PARAMETER, ROLE_GENERATED = 0, 1, 2  # ``ref`` of ATTRIBUTE records
+
+
+def _get_agent():
+    agent = _agent
+    if agent is None and _fork_info is not None:
+        agent = _start_child_agent()
+    return agent
+
+
+def _check_name(name, what="name"):
+    if name.__class__ is not str or not name:
+        raise ValueError(f"provhpc: {what} must be a non-empty string, got {name!r}")
+
+
+# ---------------------------------------------------------------------- values
+def _emit_value(agent, owner: int, key: str, value, role: int) -> None:
+    if key.__class__ is not str or not key:
+        raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
+    vtype, ival, fval, text, flags = R.coerce(value, agent.max_string)
+    agent.emit(_ATTRIBUTE, vtype, flags, owner, role, _time_ns(), key, text, _NO_STEP, ival, fval)
+
+
+def _emit_values(agent, owner: int, values: dict, role: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            for k, v in R.flatten(value, key + ".").items():
+                _emit_value(agent, owner, k, v, role)
+        else:
+            _emit_value(agent, owner, key, value, role)
+
+
+def _relate(agent, subject: int, relation: str, obj: int) -> None:
+    if subject and obj:
+        agent.emit(R.RELATION, 0, 0, subject, obj, _time_ns(), relation, None, _NO_STEP, 0, 0.0)
+
+
+def _entity_id(e) -> int:
+    if isinstance(e, Entity):
+        return e.id
+    if isinstance(e, (str, os.PathLike)):
+        return data(e).id
+    raise ValueError(f"provhpc: expected an entity from provhpc.data()/hyperparameters(), got {e!r}")
+
+
+# ---------------------------------------------------------------------- entities
+class Entity:
+    """A PROV entity: data item, hyperparameter set, model, checkpoint, code."""
+
+    __slots__ = ("id", "key", "kind")
+
+    def __init__(self, key: str, kind: str, eid: int):
+        self.key, self.kind, self.id = key, kind, eid
+
+    def attribute(self, name: str, value) -> Entity:
+        agent = _agent
+        if agent is not None and self.id:
+            _emit_value(agent, self.id, name, value, ROLE_ATTRIBUTE)
+        return self
+
+    def attributes(self, **values) -> Entity:
+        agent = _agent
+        if agent is not None and self.id:
+            _emit_values(agent, self.id, values, ROLE_ATTRIBUTE)
+        return self
+
+    def derived_from(self, *sources) -> Entity:
+        agent = _agent
+        if agent is not None:
+            for src in sources:
+                _relate(agent, self.id, R.WAS_DERIVED_FROM, _entity_id(src))
+        return self
+
+    def member(self, *members) -> Entity:
+        """PROV hadMember: this entity (a collection) has ``members``."""
+        agent = _agent
+        if agent is not None:
+            for m in members:
+                _relate(agent, self.id, R.HAD_MEMBER, _entity_id(m))
+        return self
+
+    def __repr__(self) -> str:
+        return f"<provhpc.Entity {self.kind} {self.key!r} id={self.id}>"
+
+
+def file_hash(path, limit: int | None = None) -> str:
+    """BLAKE2b-128 of a file's content, read in 1 MiB blocks (``limit`` bytes at most)."""
+    h = hashlib.blake2b(digest_size=16)
+    left = limit if limit is not None else -1
+    with open(path, "rb") as fh:
+        while left:
+            block = fh.read(1 << 20 if left < 0 else min(1 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            left -= len(block) if left > 0 else 0
+    return "blake2b:" + h.hexdigest()
+
+
+def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
+         **attributes) -> Entity:
+    """A data entity (file, shard, model, checkpoint, domain object).
+
+    ``path_or_id`` is its identity across ranks and runs; with ``hash=True`` a
+    file's content hash is recorded too (attribute ``hash``), so entities link
+    across runs by content.  For an existing file its size is recorded.
+    """
+    key = os.fspath(path_or_id) if isinstance(path_or_id, os.PathLike) else path_or_id
+    _check_name(key, "data identity")
+    _check_name(kind, "entity kind")
+    agent = _get_agent()
+    if agent is None:
+        return Entity(key, kind, 0)
+    eid = agent.next_id()
+    agent.emit(R.ENTITY, 0, 0, eid, _current.get(), _time_ns(), key, kind, _NO_STEP, 0, 0.0)
+    ent = Entity(key, kind, eid)
+    extra = {}
+    if kind != "domain" and ("/" in key or "." in key):
+        try:
+            st = os.stat(key)
+            extra["size"] = st.st_size
+            if hash and os.path.isfile(key):
+                extra["hash"] = file_hash(key)
+        except OSError:
+            pass
+    if extra or attributes:
+        _emit_values(agent, eid, {**extra, **attributes}, ROLE_ATTRIBUTE)
+    if derived_from:
+        sources = derived_from if isinstance(derived_from, (list, tuple)) else (derived_from,)
+        ent.derived_from(*sources)
+    return ent
+
+
+def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> Entity:
+    """A hyperparameter-set entity, used by the current activity."""
+    values = {**(mapping or {}), **values}
+    agent = _get_agent()
+    if agent is None:
+        return Entity(name, "hyperparameters", 0)
+    ent = data(name, kind="hyperparameters")
+    _emit_values(agent, ent.id, values, ROLE_ATTRIBUTE)
+    _relate(agent, _current.get(), R.USED, ent.id)
+    return ent
+
+
+# ---------------------------------------------------------------------- point records
+def metric(name: str, value, step=None) -> None:
+    """One point of a metric series, attached to the current activity."""
+    agent = _agent
+    if agent is None:
+        if _fork_info is None:
+            return
+        agent = _get_agent()
+    if name.__class__ is not str or not name:
+        _check_name(name, "metric name")
+    if value.__class__ is not float:
+        value = _metric_value(name, value)
+    if step is None:
+        step = _NO_STEP
+    elif step.__class__ is not int:
+        step = int(step)
+    agent.emit(_METRIC, _V_FLOAT, 0, _current.get(), 0, _time_ns(), name, None, step, 0, value)
+
+
+def _metric_value(name, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"provhpc: metric {name!r}: {type(value).__name__} is not a number") \
+            from None
+
+
+def attribute(name: str, value) -> None:
+    """A typed attribute of the current activity."""
+    agent = _get_agent()
+    if agent is not None:
+        _emit_value(agent, _current.get(), name, value, ROLE_ATTRIBUTE)
+
+
+def used(*entities) -> None:
+    """The current activity used ``entities``."""
+    agent = _get_agent()
+    if agent is not None:
+        cur = _current.get()
+        for e in entities:
+            _relate(agent, cur, R.USED, _entity_id(e))
+
+
+def generated(*entities, **values) -> None:
+    """The current activity generated ``entities`` and computed ``values``."""
+    agent = _get_agent()
+    if agent is not None:
+        cur = _current.get()
+        for e in entities:
+            _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, cur)
+        if values:
+            _emit_values(agent, cur, values, ROLE_GENERATED)
+
+
+def current_activity() -> int:
+    return _current.get()
+
+
+# ---------------------------------------------------------------------- activities
+class Activity:
+    """A PROV activity: ``with``, ``@decorator`` or explicit ``start()``/``end()``."""
+
+    __slots__ = ("kind", "name", "index", "params", "inputs", "id", "parent", "_token")
+
+    def __init__(self, kind: str, name: str, index: int = _NO_STEP, used=None, params=None):
+        self.kind, self.name, self.index = kind, name, index
+        self.inputs, self.params = used, params
+        self.id = 0
+        self.parent = 0
+        self._token = None
+
+    def start(self) -> Activity:
+        if self._token is not None or self.id:
+            raise ValueError(f"provhpc: {self.kind} {self.name!r} already started")
+        agent = _get_agent()
+        if agent is None:
+            self._token = False
+            return self
+        aid = self.id = agent.next_id()
+        parent = self.parent = _current.get()
+        agent.emit(R.ACTIVITY_START, 0, 0, aid, parent, _time_ns(), self.name, self.kind,
+                   self.index, 0, 0.0)
+        agent.open_activities[aid] = None
+        if self.params:
+            _emit_values(agent, aid, self.params, ROLE_PARAMETER)
+        if self.inputs:
+            for e in self.inputs:
+                _relate(agent, aid, R.USED, _entity_id(e))
+        self._token = _current.set(aid)
+        return self
+
+    def end(self, status: str = "ok", error: BaseException | None = None) -> None:
+        token = self._token
+        if token is None:
+            raise ValueError(f"provhpc: {self.kind} {self.name!r} ended without a start")
+        self._token = None
+        if token is False:
+            return
+        try:
+            _current.reset(token)
+        except ValueError:  # ended in another context (thread): restore the parent there
+            _current.set(self.parent)
+        agent = _agent
+        if agent is None:
+            return
+        code = R.STATUS_OK if status == "ok" else R.STATUS_ERROR
+        etype = type(error).__name__ if error is not None else None
+        agent.open_activities.pop(self.id, None)
+        if error is not None:
+            _emit_value(agent, self.id, "exception", str(error), ROLE_ATTRIBUTE)
+        agent.emit(R.ACTIVITY_END, 0, 0, self.id, 0, _time_ns(), None, etype, _NO_STEP, code, 0.0)
+
+    def __enter__(self) -> Activity:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end()
+        else:
+            self.end("error", exc)
+        return False
+
+    # --- inside the activity
+    def generated(self, *entities, **values) -> Activity:
+        agent = _agent
+        if agent is not None and self.id:
+            for e in entities:
+                _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
+            if values:
+                _emit_values(agent, self.id, values, ROLE_GENERATED)
+        return self
+
+    def used(self, *entities) -> Activity:
+        agent = _agent
+        if agent is not None and self.id:
+            for e in entities:
+                _relate(agent, self.id, R.USED, _entity_id(e))
+        return self
+
+    def informed_by(self, other: Activity) -> Activity:
+        agent = _agent
+        if agent is not None:
+            _relate(agent, self.id, R.WAS_INFORMED_BY, other.id)
+        return self
+
+    def attribute(self, name: str, value) -> Activity:
+        agent = _agent
+        if agent is not None and self.id:
+            _emit_value(agent, self.id, name, value, ROLE_ATTRIBUTE)
+        return self
+
+    def attributes(self, **values) -> Activity:
+        agent = _agent
+        if agent is not None and self.id:
+            _emit_values(agent, self.id, values, ROLE_ATTRIBUTE)
+        return self
+
+    def metric(self, name: str, value, step=None) -> Activity:
+        agent = _agent
+        if agent is not None and self.id:
+            _check_name(name, "metric name")
+            value = value if value.__class__ is float else _metric_value(name, value)
+            agent.emit(_METRIC, _V_FLOAT, 0, self.id, 0, _time_ns(), name, None,
+                       _NO_STEP if step is None else int(step), 0, value)
+        return self
+
+    # --- as a decorator: a fresh activity per call
+    def __call__(self, fn):
+        if not callable(fn):
+            raise ValueError(f"provhpc: {self.kind} decorator needs a callable, got {fn!r}")
+        return _decorate(fn, self.kind, self.name, self.index, self.inputs)
+
+
+def _decorate(fn, kind, name, index, inputs, record_args=True):
+    code = getattr(fn, "__code__", None)
+    argnames = code.co_varnames[:code.co_argcount] if code is not None else ()
+    counter = [0]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _agent is None and _fork_info is None:
+            return fn(*args, **kwargs)
+        params = None
+        if record_args:
+            params = {k: v for k, v in zip(argnames, args) if k not in ("self", "cls")}
+            params.update(kwargs)
+        i = index
+        if kind == "epoch" and index == _NO_STEP:
+            i = counter[0]
+            counter[0] += 1
+        act = Activity(kind, name, i, inputs, params)
+        with act:
+            result = fn(*args, **kwargs)
+            _record_return(act, result)
+        return result
+
+    return wrapper
+
+
+def _record_return(act: Activity, result) -> None:
+    if result is None or not act.id:
+        return
+    if isinstance(result, Entity):
+        act.generated(result)
+    elif isinstance(result, dict):
+        if all(isinstance(k, str) for k in result):
+            act.generated(**result)
+    elif isinstance(result, (int, float, str, bool)) or hasattr(result, "item") and \
+            getattr(result, "ndim", 1) == 0:
+        act.generated(**{"return": result})
+
+
+def _activity_factory(kind: str):
+    def make(name=None, used=None, **params):
+        if callable(name) and used is None and not params:  # bare @provhpc.task
+            fn = name
+            return _decorate(fn, kind, fn.__qualname__, _NO_STEP, None)
+        if name is None:
+            name = kind
+        _check_name(name, f"{kind} name")
+        return Activity(kind, name, _NO_STEP, used, params or None)
+    return make
+
+
+task = _activity_factory("task")
+task.__doc__ = """An activity: ``with task(name, used=[...], **params) as t`` or ``@task``."""
+
+
+def stage(kind="stage", used=None, **params) -> Activity:
+    """A learning stage: curation, preparation, train, validate, evaluate or any name."""
+    if callable(kind):
+        return _decorate(kind, "stage", kind.__name__, _NO_STEP, None)
+    _check_name(kind, "stage")
+    return Activity("stage", kind, _NO_STEP, used, params or None)
+
+
+def epoch(i=None, used=None, **params) -> Activity:
+    """Epoch ``i`` (an int).  As a bare decorator the index counts the calls from 0."""
+    if callable(i):
+        return _decorate(i, "epoch", "epoch", _NO_STEP, None, record_args=False)
+    if i is None:
+        return Activity("epoch", "epoch", _NO_STEP, used, params or None)
+    if isinstance(i, bool) or not hasattr(i, "__index__"):
+        raise ValueError(f"provhpc: epoch index must be an int, got {i!r}")
+    return Activity("epoch", "epoch", i.__index__(), used, params or None)
+
+
+# ---------------------------------------------------------------------- fork safety
+def _after_fork_in_child() -> None:
+    """A forked child (DataLoader worker) gets its own agent on first use."""
+    global _agent, _fork_info
+    if _agent is not None:
+        parent = _agent
+        _fork_info = (parent.cfg, parent.ident, parent.run_id, parent.endpoint)
+        _agent = None
+
+
+def _start_child_agent():
+    global _agent, _fork_info
+    from .session import start_worker_agent
+
+    info, _fork_info = _fork_info, None
+    _agent = start_worker_agent(*info)
+    return _agent
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

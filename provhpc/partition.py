@@ -1,0 +1,160 @@
+"""The HDF5 partition: one file per node per run, written by its aggregator.
+
+The layout is documented in docs/format.md.  The writer uses SWMR so that the
+file is consistent at every flush: a partition left by a killed aggregator
+opens (``swmr=True``, or after ``provhpc recover``) with everything flushed,
+and records are acknowledged to ranks only after they were flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import h5py
+import numpy as np
+
+from .records import RECORD_DTYPE, SCHEMA_VERSION
+
+LIBVER = ("v110", "v110")  # readable by HDF5 1.10 tools; SWMR needs >= v110
+
+STRING_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("flags", "<u2")])
+RANK_DTYPE = np.dtype([
+    ("rank", "<i4"), ("local_rank", "<i4"), ("pid", "<i8"), ("role", "S8"),
+    ("host", "S64"), ("node", "S64"), ("gpu", "S64"),
+    ("start", "<i8"), ("end", "<i8"), ("status", "S16"), ("exit_code", "<i4"),
+    ("records", "<u8"), ("reported", "<i8"), ("dropped", "<u8"), ("salvaged", "<u8"),
+])
+DROP_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("reason", "S32"), ("count", "<u8")])
+COUNTER_DTYPE = np.dtype([("name", "S32"), ("value", "<i8")])
+COUNTERS = ("records", "batches", "bytes", "strings", "malformed_frames", "sequence_gaps",
+            "replayed_batches", "salvaged_records", "write_errors", "dropped_records",
+            "refused_hellos")
+
+RECORD_CHUNK = 16384
+
+
+def _compression(name: str) -> dict:
+    if name == "lzf":
+        return {"compression": "lzf", "shuffle": True}
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    return {}
+
+
+class PartitionWriter:
+    """Appends record batches, strings and rank rows to one partition file."""
+
+    def __init__(self, path: str, attrs: dict, compression: str = "none"):
+        self.path = path
+        self.tmp_path = path
+        self.f = f = h5py.File(path, "w", libver=LIBVER)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["format"] = "provhpc-partition"
+        f.attrs["complete"] = False
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+        comp = _compression(compression)
+        self.records = f.create_dataset("records", (0,), maxshape=(None,), dtype=RECORD_DTYPE,
+                                        chunks=(RECORD_CHUNK,), **comp)
+        self.strings = f.create_dataset("strings", (1,), maxshape=(None,), dtype=STRING_DTYPE,
+                                        chunks=(4096,))
+        self.heap = f.create_dataset("string_heap", (0,), maxshape=(None,), dtype="u1",
+                                     chunks=(65536,))
+        self.ranks = f.create_dataset("ranks", (0,), maxshape=(None,), dtype=RANK_DTYPE,
+                                      chunks=(64,))
+        self.drops = f.create_dataset("drops", (0,), maxshape=(None,), dtype=DROP_DTYPE,
+                                      chunks=(64,))
+        counters = np.zeros(len(COUNTERS), COUNTER_DTYPE)
+        counters["name"] = [c.encode() for c in COUNTERS]
+        self.counters_ds = f.create_dataset("counters", data=counters)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.swmr = compression == "none"
+        if self.swmr:
+            f.swmr_mode = True
+        self._n = 0
+        self._heap_n = 0
+        self._nstrings = 1  # id 0 is the empty string
+        self._string_ids: dict[bytes, int] = {b"": 0}
+        self._rank_rows: dict[tuple, int] = {}
+        self._drop_rows: dict[tuple, int] = {}
+
+    # -- strings
+    def intern(self, data: bytes, flags: int = 0) -> int:
+        sid = self._string_ids.get(data)
+        if sid is not None:
+            return sid
+        sid = self._nstrings
+        self._nstrings += 1
+        self._string_ids[data] = sid
+        if len(data):
+            self.heap.resize((self._heap_n + len(data),))
+            self.heap[self._heap_n:] = np.frombuffer(data, "u1")
+        self.strings.resize((self._nstrings,))
+        self.strings[sid] = (self._heap_n, len(data), flags)
+        self._heap_n += len(data)
+        self.counters["strings"] += 1
+        return sid
+
+    # -- records
+    def append(self, recs: np.ndarray) -> None:
+        n = len(recs)
+        if not n:
+            return
+        self.records.resize((self._n + n,))
+        self.records[self._n:] = recs
+        self._n += n
+        self.counters["records"] += n
+        self.counters["batches"] += 1
+        self.counters["bytes"] += recs.nbytes
+
+    # -- rank table and drops (updated in place: SWMR allows no new objects)
+    def upsert_rank(self, key: tuple, row: dict) -> None:
+        idx = self._rank_rows.get(key)
+        if idx is None:
+            idx = self._rank_rows[key] = self.ranks.shape[0]
+            self.ranks.resize((idx + 1,))
+            current = np.zeros(1, RANK_DTYPE)[0]
+        else:
+            current = self.ranks[idx]
+        for k, v in row.items():
+            current[k] = v.encode()[: RANK_DTYPE[k].itemsize] if isinstance(v, str) else v
+        self.ranks[idx] = current
+
+    def set_drops(self, rank: int, pid: int, drops: dict) -> None:
+        for reason, count in drops.items():
+            key = (rank, pid, reason)
+            idx = self._drop_rows.get(key)
+            if idx is None:
+                idx = self._drop_rows[key] = self.drops.shape[0]
+                self.drops.resize((idx + 1,))
+            self.drops[idx] = (rank, pid, reason.encode()[:32], count)
+
+    def flush(self) -> None:
+        values = np.array([self.counters[c] for c in COUNTERS], "<i8")
+        rows = self.counters_ds[:]
+        if not np.array_equal(rows["value"], values):
+            rows["value"] = values
+            self.counters_ds[:] = rows
+        self.f.flush()
+
+    def close(self, attrs: dict | None = None, complete: bool = True) -> None:
+        """Flush, close, then mark complete (attributes cannot change under SWMR)."""
+        self.flush()
+        self.f.close()
+        with h5py.File(self.path, "r+", libver=LIBVER) as f:
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = (value if isinstance(value, (str, int, float, bool))
+                                else json.dumps(value))
+            f.attrs["closed_at"] = time.time_ns()
+            f.attrs["complete"] = complete
+        os.chmod(self.path, 0o600)
+
+
+def open_partition(path: str) -> h5py.File:
+    """Open a partition for reading, also one still written or left by a killed writer."""
+    try:
+        return h5py.File(path, "r", swmr=True, locking=False)
+    except OSError:
+        return h5py.File(path, "r", locking=False)

@@ -1,0 +1,174 @@
+"""A rank's shared-memory segment: a header, a slot table and the slots.
+
+Layout (all little-endian, offsets in bytes)::
+
+    0    header   magic "PRVHSEG1", version, rank, pid, slots, slot_records,
+                  heap bytes, record size
+    64   drops    16 x u64 drop counters, indexed by DROP_REASONS
+    192  table    per slot 32 bytes: state u32, count u32, heap_used u32,
+                  pad u32, seq u64, opened_ns i64
+    ...  slots    per slot: slot_records x 64-byte records, then the heap
+
+The rank writes a record, then stores the new count; so the count never
+covers a half-written record and a reader of a dead rank's segment sees
+exactly the records whose API call returned.  The file lives in /dev/shm,
+is created owner-only (0600) and is named per user, run and rank.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+from .records import RECORD_DTYPE, RECORD_SIZE
+
+MAGIC = b"PRVHSEG1"
+VERSION = 1
+HEADER = struct.Struct("<8sIiIIIII")
+DROPS_OFFSET = 64
+TABLE_OFFSET = 192
+SLOT_ENTRY = 32
+
+FREE, FILLING, SEALED = 0, 1, 2
+
+DROP_REASONS = (
+    "backpressure",  # every slot was taken for longer than the backpressure timeout
+    "no_aggregator",  # the node aggregator never answered or went away
+    "after_shutdown",  # an API call after shutdown()
+    "encode",  # a value could not be encoded
+    "aggregator_write",  # the aggregator could not write the records (e.g. disk full)
+)
+NREASONS = 16
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def segment_name(run_id: str, node: str, rank: int, pid: int) -> str:
+    return f"provhpc-{os.getuid()}-{run_id}-{node}-r{rank}-p{pid}"
+
+
+def _align(n: int, a: int = 64) -> int:
+    return (n + a - 1) // a * a
+
+
+class Layout:
+    """Offsets of a segment with the given geometry."""
+
+    def __init__(self, slots: int, slot_records: int, heap: int):
+        self.slots, self.slot_records, self.heap = slots, slot_records, heap
+        self.data = _align(TABLE_OFFSET + slots * SLOT_ENTRY)
+        self.slot_bytes = _align(slot_records * RECORD_SIZE + heap)
+        self.size = self.data + slots * self.slot_bytes
+
+    def records_offset(self, slot: int) -> int:
+        return self.data + slot * self.slot_bytes
+
+    def heap_offset(self, slot: int) -> int:
+        return self.records_offset(slot) + self.slot_records * RECORD_SIZE
+
+
+class Segment:
+    """A mapped segment; ``create`` on the rank, ``attach`` in the aggregator."""
+
+    def __init__(self, path: str, mm: mmap.mmap, layout: Layout, owner: bool):
+        self.path, self.mm, self.layout, self.owner = path, mm, layout, owner
+        self.u32 = memoryview(mm)[TABLE_OFFSET:TABLE_OFFSET + layout.slots * SLOT_ENTRY].cast("I")
+        self.u64 = memoryview(mm)[TABLE_OFFSET:TABLE_OFFSET + layout.slots * SLOT_ENTRY].cast("Q")
+        self.drops = memoryview(mm)[DROPS_OFFSET:DROPS_OFFSET + NREASONS * 8].cast("Q")
+
+    @classmethod
+    def create(cls, path: str, rank: int, slots: int, slot_records: int, heap: int) -> Segment:
+        layout = Layout(slots, slot_records, heap)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, layout.size)
+            mm = mmap.mmap(fd, layout.size)
+        finally:
+            os.close(fd)
+        HEADER.pack_into(mm, 0, MAGIC, VERSION, rank, os.getpid(), slots, slot_records, heap,
+                         RECORD_SIZE)
+        return cls(path, mm, layout, owner=True)
+
+    @classmethod
+    def attach(cls, path: str) -> Segment:
+        """Map an existing segment after checking owner, mode and header."""
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise PermissionError(f"{path}: not owner-only or not ours")
+            if st.st_size < TABLE_OFFSET:
+                raise ValueError(f"{path}: too small for a segment")
+            mm = mmap.mmap(fd, st.st_size)
+        finally:
+            os.close(fd)
+        magic, version, _rank, _pid, slots, slot_records, heap, rsize = HEADER.unpack_from(mm, 0)
+        layout = Layout(slots, slot_records, heap)
+        if magic != MAGIC or version != VERSION or rsize != RECORD_SIZE or layout.size > st.st_size:
+            mm.close()
+            raise ValueError(f"{path}: not a provhpc segment of this version")
+        return cls(path, mm, layout, owner=False)
+
+    @property
+    def rank(self) -> int:
+        return HEADER.unpack_from(self.mm, 0)[2]
+
+    @property
+    def pid(self) -> int:
+        return HEADER.unpack_from(self.mm, 0)[3]
+
+    # slot table accessors
+    def state(self, slot: int) -> int:
+        return self.u32[slot * 8]
+
+    def set_state(self, slot: int, state: int) -> None:
+        self.u32[slot * 8] = state
+
+    def count(self, slot: int) -> int:
+        return self.u32[slot * 8 + 1]
+
+    def heap_used(self, slot: int) -> int:
+        return self.u32[slot * 8 + 2]
+
+    def seq(self, slot: int) -> int:
+        return self.u64[slot * 4 + 2]
+
+    def records(self, slot: int, count: int) -> np.ndarray:
+        """A copy of the first ``count`` records of ``slot``."""
+        count = min(count, self.layout.slot_records)
+        off = self.layout.records_offset(slot)
+        return np.frombuffer(self.mm, RECORD_DTYPE, count=count, offset=off).copy()
+
+    def heap(self, slot: int, used: int) -> bytes:
+        off = self.layout.heap_offset(slot)
+        return bytes(self.mm[off:off + min(used, self.layout.heap)])
+
+    def drop_counts(self) -> dict:
+        return {r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]}
+
+    def pending(self, after_seq: int):
+        """Slots holding records not yet taken (seq > after_seq), oldest first."""
+        out = []
+        for s in range(self.layout.slots):
+            if self.state(s) != FREE and self.count(s) and self.seq(s) > after_seq:
+                out.append((self.seq(s), s))
+        return [s for _, s in sorted(out)]
+
+    def close(self, unlink: bool = False) -> None:
+        for mv in (self.u32, self.u64, self.drops):
+            mv.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a numpy view still holds it; the mapping goes with the process
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,290 @@
+"""Starting and stopping capture in a process: identity, run id, rendezvous.
+
+``init()`` is what ``provhpc run`` does before user code: detect the rank,
+agree on one run id, have the node's leader start the aggregator, wait for it,
+and start this rank's agent.  ``shutdown()`` ends open activities, hands every
+record over and, on a leader, waits for the aggregator to close the partition.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import api
+from . import config as _config
+from . import identity as _identity
+from . import records as R
+from .agent import Agent
+from .segment import segment_name, shm_dir
+
+log = logging.getLogger("provhpc")
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_ENV_STRIP = ("PMI", "PMIX", "OMPI_", "HYDRA", "PRTE", "MPIR", "SLURM_", "MPI_LOCAL", "I_MPI")
+
+
+class Session:
+    """What ``init`` started in this process."""
+
+    def __init__(self, cfg, ident, run_id, run_dir, agent, aggregator=None, comm=None):
+        self.cfg, self.ident, self.run_id, self.run_dir = cfg, ident, run_id, run_dir
+        self.agent, self.aggregator, self.comm = agent, aggregator, comm
+        self.run_activity = None
+        self.closed = False
+
+
+_session: Session | None = None
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise ValueError(f"provhpc: invalid run id {run_id!r} (letters, digits, . _ -; "
+                         "no path separators)")
+    return run_id
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _mpi_comm(ident):
+    """COMM_WORLD when this is an MPI launch with more than one rank."""
+    if ident.size <= 1 or ident.launcher not in ("hydra", "openmpi", "srun"):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != ident.size:
+        log.warning("provhpc: the launcher says %d ranks but MPI sees %d (a launcher/MPI "
+                    "mismatch gives silent singletons); not using MPI", ident.size,
+                    comm.Get_size())
+        return None
+    return comm
+
+
+def agree_run_id(cfg, ident, comm) -> str:
+    if cfg.run_id:
+        return validate_run_id(cfg.run_id)
+    if comm is not None:
+        return comm.bcast(new_run_id() if comm.Get_rank() == 0 else None, root=0)
+    if ident.size > 1:
+        if ident.launcher == "srun" and ident.job_id:
+            return validate_run_id(f"slurm-{ident.job_id}.{ident.step_id or 0}")
+        if ident.launcher == "torchrun":
+            rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
+            if rid and rid != "none":
+                return validate_run_id(f"torchrun-{rid}"[:96])
+            # single-node torchrun: all local workers share the elastic agent as parent
+            return validate_run_id(f"torchrun-{os.getppid()}-{_proc_start(os.getppid())}")
+        raise RuntimeError("provhpc: cannot agree on a run id without MPI; set PROVHPC_RUN_ID")
+    return new_run_id()
+
+
+def _proc_start(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "0"
+
+
+def runtime_base(cfg) -> str:
+    base = cfg.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(base, f"provhpc-{os.getuid()}")
+
+
+def rendezvous(cfg, run_id: str, node: str) -> tuple[str, str]:
+    """The aggregator's endpoint and ready file for (run, node); the dir is owner-only."""
+    base = runtime_base(cfg)
+    d = os.path.join(base, run_id)
+    sock = os.path.join(d, f"{node}.sock")
+    if len(sock) > 100:  # the limit of an ipc:// path
+        d = os.path.join(base, hashlib.sha1(run_id.encode()).hexdigest()[:16])
+        sock = os.path.join(d, hashlib.sha1(node.encode()).hexdigest()[:16] + ".sock")
+    for p in (base, d):
+        os.makedirs(p, mode=0o700, exist_ok=True)
+        st = os.stat(p)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"provhpc: {p} must be owned by you with mode 0700")
+    return "ipc://" + sock, sock[: -len(".sock")] + ".ready"
+
+
+def clean_env(environ=None) -> dict:
+    """The environment of a helper process: no launcher variables, so it is never an MPI rank."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not k.startswith(_ENV_STRIP)}
+
+
+def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    logf = open(os.path.join(run_dir, f"{node}.aggregator.log"), "ab")
+    env = {**clean_env(), **_config.to_environ(cfg)}
+    cmd = [sys.executable, "-m", "provhpc", "aggregate", "--run-id", run_id, "--node", node,
+           "--out", os.path.dirname(run_dir), "--endpoint", endpoint, "--ready", ready,
+           "--expect", str(expect), "--meta", json.dumps(meta)]
+    try:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    finally:
+        logf.close()
+
+
+def wait_ready(ready: str, timeout: float, proc=None) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(ready):
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def run_meta(ident, cfg, argv=None) -> dict:
+    import h5py
+    import numpy
+    import zmq
+
+    from . import __version__
+
+    return {"provhpc": __version__, "python": sys.version.split()[0],
+            "numpy": numpy.__version__, "h5py": h5py.__version__, "pyzmq": zmq.__version__,
+            "hdf5": h5py.version.hdf5_version, "launcher": ident.launcher,
+            "job_id": ident.job_id, "step_id": ident.step_id, "world_size": ident.size,
+            "user": _user(), "argv": list(argv or sys.argv), "cwd": os.getcwd()}
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
+def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | None:
+    """Start capture in this process (what ``provhpc run`` does before user code).
+
+    Returns the session, or None when capture is disabled.  Safe to call once;
+    a second call returns the running session.
+    """
+    global _session
+    if _session is not None and not _session.closed:
+        return _session
+    cfg = _config.load(out=out, run_id=run_id, **settings)
+    if not cfg.enabled:
+        return None
+    ident = _identity.simulate(_identity.detect(), cfg.simulate_nodes)
+    if comm is None:
+        comm = _mpi_comm(ident)
+    rid = agree_run_id(cfg, ident, comm)
+    run_dir = os.path.join(os.path.abspath(cfg.out), rid)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    endpoint, ready = rendezvous(cfg, rid, ident.node)
+    meta = run_meta(ident, cfg, argv)
+    proc = None
+    if ident.is_leader and not cfg.external_aggregator and not os.path.exists(ready):
+        proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
+                                ident.local_size, meta)
+    if not wait_ready(ready, cfg.startup_timeout, proc):
+        log.warning("provhpc: rank %d: no aggregator for node %s within %.0fs; records will be "
+                    "counted as dropped", ident.rank, ident.node, cfg.startup_timeout)
+    seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
+    agent = Agent(cfg, ident, rid, endpoint, seg_path)
+    agent.wait_ready(cfg.startup_timeout)
+    api._agent = agent
+    _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
+    if ident.rank == 0:
+        _write_manifest(_session, meta, start=True)
+    act = api.Activity("run", os.path.basename((argv or sys.argv or ["python"])[0]) or "run")
+    _session.run_activity = act.start()
+    act.attributes(rank=ident.rank, node=ident.node, host=ident.host, launcher=ident.launcher,
+                   job_id=ident.job_id, local_rank=ident.local_rank, world_size=ident.size,
+                   gpu=ident.gpu, pid=os.getpid())
+    atexit.register(shutdown)
+    return _session
+
+
+def start_worker_agent(cfg, ident, run_id, endpoint):
+    """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
+    pid = os.getpid()
+    seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))
+    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker")
+    atexit.register(agent.shutdown)
+    return agent
+
+
+def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None = None) -> bool:
+    """End capture: close open activities, flush, goodbye; idempotent."""
+    global _session
+    s = _session
+    if s is None or s.closed or s.agent.pid != os.getpid():
+        return True
+    s.closed = True
+    agent = s.agent
+    for aid in list(agent.open_activities)[::-1]:
+        if s.run_activity is not None and aid == s.run_activity.id:
+            continue
+        agent.emit(R.ACTIVITY_END, 0, 0, aid, 0, time.time_ns(), None, "unfinished",
+                   R.NO_STEP, R.STATUS_ERROR, 0.0)
+    agent.open_activities.clear()
+    if s.run_activity is not None:
+        try:
+            s.run_activity.end("ok" if status == "ok" else "error", error)
+        except ValueError:
+            pass
+    ok = agent.shutdown(status, exit_code)
+    api._agent = None
+    if s.aggregator is not None:
+        try:
+            s.aggregator.wait(s.cfg.shutdown_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("provhpc: the aggregator of node %s is still running after %.0fs",
+                        s.ident.node, s.cfg.shutdown_timeout)
+    if s.ident.rank == 0:
+        _write_manifest(s, None, start=False, status=status, exit_code=exit_code)
+    return ok
+
+
+def current() -> Session | None:
+    return _session
+
+
+def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=None) -> None:
+    path = os.path.join(s.run_dir, "manifest.json")
+    try:
+        doc = {}
+        if not start and os.path.exists(path):
+            with open(path) as fh:
+                doc = json.load(fh)
+        if start:
+            doc = {"run_id": s.run_id, "schema_version": R.SCHEMA_VERSION, "meta": meta,
+                   "config": s.cfg.to_dict(), "config_sources": s.cfg.sources,
+                   "identity": s.ident.to_dict(), "start": time.time_ns()}
+        doc.update({"status": status, "exit_code": exit_code})
+        if not start:
+            doc["end"] = time.time_ns()
+        tmp = path + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump(doc, fh, indent=1)
+        os.replace(tmp, path)
+        if start:
+            link = os.path.join(os.path.dirname(s.run_dir), "latest")
+            tmp_link = f"{link}.{os.getpid()}"
+            os.symlink(s.run_id, tmp_link)
+            os.replace(tmp_link, link)
+    except OSError as exc:
+        log.warning("provhpc: cannot write %s: %s", path, exc)
