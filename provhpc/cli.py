@@ -125,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommands of the post-processing modules (listed explicitly there)."""
-    try:
-        from .cli_post import COMMANDS as post
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("provhpc.cli_post") is None:
         return []
+    from .cli_post import COMMANDS as post
+
     return post
 
 
