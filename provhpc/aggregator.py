@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -25,7 +27,7 @@ from . import __version__
 from . import protocol as P
 from .partition import PartitionWriter
 from .records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
-from .segment import DROP_REASONS, Segment, shm_dir
+from .segment import DROP_REASONS, Segment, segment_name, shm_dir
 
 log = logging.getLogger("provhpc.aggregator")
 
@@ -79,7 +81,9 @@ class Aggregator:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         attrs = {"run_id": self.run_id, "node": self.node, "created": time.time_ns(),
                  "config": self.cfg.to_dict(), "meta": self.meta,
-                 "writer": f"provhpc {__version__}", "expect": self.expect}
+                 "writer": f"provhpc {__version__}", "expect": self.expect,
+                 "writer_pid": os.getpid(), "writer_host": socket.gethostname()}
+        self.path = _unused_path(self.path)  # a restarted aggregator never overwrites
         self.writer = PartitionWriter(self.path, attrs, self.cfg.compression)
         os.chmod(self.path, 0o600)
         ctx = zmq.Context()
@@ -173,8 +177,12 @@ class Aggregator:
                     s.last_seen = time.monotonic()
             else:
                 self._malformed(sock, key, f"unknown frame type {bytes(kind[:8])!r}")
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError,
+                RecursionError, struct.error) as exc:
             self._malformed(sock, key, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a hostile or buggy peer must never stop the node's writer
+            log.exception("unexpected error handling a frame from %r", bytes(key[:32]))
+            self._malformed(sock, key, f"{type(exc).__name__}")
 
     def _malformed(self, sock, key, why: str) -> None:
         self.writer.counters["malformed_frames"] += 1
@@ -188,6 +196,8 @@ class Aggregator:
     # ------------------------------------------------------------------ messages
     def _on_hello(self, sock, key: bytes, hello: dict) -> None:
         rank, pid = int(hello["rank"]), int(hello["pid"])
+        if not (0 <= rank < 1 << 31 and 0 < pid < 1 << 31):
+            raise ValueError(f"hello with rank {rank} / pid {pid} out of range")
         if hello.get("run_id") != self.run_id:
             return self._refuse(sock, key, f"run id {hello.get('run_id')!r} is not {self.run_id!r}")
         old = self.streams.get(key)
@@ -221,8 +231,12 @@ class Aggregator:
         real = os.path.realpath(path)
         if os.path.dirname(real) != os.path.realpath(shm_dir()):
             raise ValueError("segment outside the shared-memory directory")
-        if not os.path.basename(real).startswith(self._seg_prefix):
-            raise ValueError("segment of another user or run")
+        # exactly the name this rank's agent gives it: this user, run, node, rank and pid
+        if os.path.basename(real) != segment_name(self.run_id, self.node, rank, pid):
+            raise ValueError("segment of another user, run, node or process")
+        if any(s.seg is not None and not s.closed and s.seg.path == real
+               for s in self.streams.values()):
+            raise ValueError("segment already mapped for another connection")
         seg = Segment.attach(real)
         if seg.rank != rank or seg.pid != pid:
             seg.close()
@@ -256,7 +270,7 @@ class Aggregator:
             self.writer.counters["sequence_gaps"] += 1
             log.warning("rank %d: batches %d..%d missing", s.rank, s.expected_seq, seq - 1)
         s.expected_seq = seq + 1
-        self._ingest(s, recs, heap, 0)
+        self._ingest(s, recs, heap, 0, seq)
         self._flush()
         sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
 
@@ -270,7 +284,7 @@ class Aggregator:
         sock.send_multipart([key, P.FAREWELL, b""])
 
     # ------------------------------------------------------------------ ingest
-    def _ingest(self, s: Stream, recs: np.ndarray, heap: bytes, flags: int) -> None:
+    def _ingest(self, s: Stream, recs: np.ndarray, heap: bytes, flags: int, seq: int = 0) -> None:
         is_str = recs["kind"] == STRING
         if is_str.any():
             for r in recs[is_str]:
@@ -282,8 +296,10 @@ class Aggregator:
                     s.smap = np.concatenate([s.smap, np.zeros(max(sid + 1, 2 * len(s.smap)) -
                                                               len(s.smap), "<u4")])
                 s.smap[sid] = self._intern(heap[off:off + length], int(r["flags"]))
+                self.writer.map_string(s.rank, s.pid, sid, int(s.smap[sid]))
             recs = recs[~is_str]
         if not len(recs):
+            self.writer.note_batch(s.rank, s.pid, seq, self.writer._n, 0, flags)
             return
         names, svals = recs["name"], recs["sval"]
         if names.max(initial=0) >= len(s.smap) or svals.max(initial=0) >= len(s.smap):
@@ -295,8 +311,10 @@ class Aggregator:
         recs["rank"] = s.rank  # the stream's rank, whatever the frame claims
         if flags:
             recs["flags"] |= flags
+        start = self.writer._n
         try:
             self.writer.append(recs)
+            self.writer.note_batch(s.rank, s.pid, seq, start, len(recs), flags)
         except OSError as exc:  # disk full, read-only: count, keep serving
             self.writer.counters["write_errors"] += 1
             self.writer.counters["dropped_records"] += len(recs)
@@ -336,7 +354,8 @@ class Aggregator:
             for slot in s.seg.pending(s.expected_seq - 1):
                 recs = s.seg.records(slot, s.seg.count(slot))
                 before = s.records
-                self._ingest(s, recs, s.seg.heap(slot, s.seg.heap_used(slot)), F_SALVAGED)
+                self._ingest(s, recs, s.seg.heap(slot, s.seg.heap_used(slot)), F_SALVAGED,
+                             s.seg.seq(slot))
                 s.salvaged += s.records - before
                 s.expected_seq = s.seg.seq(slot) + 1
             self.writer.counters["salvaged_records"] += s.salvaged
@@ -372,6 +391,15 @@ class Aggregator:
         except OSError as exc:
             log.error("closing %s failed: %s", self.path, exc)
             self.exit_status = 1
+
+
+def _unused_path(path: str) -> str:
+    """``path``, or ``<node>.<n>.h5`` when a partition of this node already exists."""
+    base, n = path[:-3], 1
+    while os.path.exists(path):
+        path = f"{base}.{n}.h5"
+        n += 1
+    return path
 
 
 def _alive(pid: int) -> bool:

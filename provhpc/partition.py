@@ -28,6 +28,12 @@ RANK_DTYPE = np.dtype([
 ])
 DROP_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("reason", "S32"), ("count", "<u8")])
 COUNTER_DTYPE = np.dtype([("name", "S32"), ("value", "<i8")])
+# Which slot (stream pid, sequence number) became which rows, and how a stream's
+# rank-local string ids map to this file's: what `provhpc recover` needs to add
+# a dead writer's leftover segments exactly once.
+BATCH_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("seq", "<u8"), ("start", "<u8"),
+                        ("count", "<u4"), ("flags", "<u2")])
+SMAP_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("local", "<u4"), ("global", "<u4")])
 COUNTERS = ("records", "batches", "bytes", "strings", "malformed_frames", "sequence_gaps",
             "replayed_batches", "salvaged_records", "write_errors", "dropped_records",
             "refused_hellos")
@@ -69,6 +75,12 @@ class PartitionWriter:
         counters = np.zeros(len(COUNTERS), COUNTER_DTYPE)
         counters["name"] = [c.encode() for c in COUNTERS]
         self.counters_ds = f.create_dataset("counters", data=counters)
+        self.batches = f.create_dataset("batches", (0,), maxshape=(None,), dtype=BATCH_DTYPE,
+                                        chunks=(1024,))
+        self.string_map = f.create_dataset("string_map", (0,), maxshape=(None,),
+                                           dtype=SMAP_DTYPE, chunks=(4096,))
+        self._pending_batches: list = []
+        self._pending_smap: list = []
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.swmr = compression == "none"
         if self.swmr:
@@ -131,7 +143,24 @@ class PartitionWriter:
                 self.drops.resize((idx + 1,))
             self.drops[idx] = (rank, pid, reason.encode()[:32], count)
 
+    def note_batch(self, rank: int, pid: int, seq: int, start: int, count: int,
+                   flags: int = 0) -> None:
+        self._pending_batches.append((rank, pid, seq, start, count, flags))
+
+    def map_string(self, rank: int, pid: int, local: int, global_id: int) -> None:
+        self._pending_smap.append((rank, pid, local, global_id))
+
+    def _write_pending(self) -> None:
+        for ds, rows, dtype in ((self.string_map, self._pending_smap, SMAP_DTYPE),
+                                (self.batches, self._pending_batches, BATCH_DTYPE)):
+            if rows:
+                n = ds.shape[0]
+                ds.resize((n + len(rows),))
+                ds[n:] = np.array(rows, dtype)
+                rows.clear()
+
     def flush(self) -> None:
+        self._write_pending()
         values = np.array([self.counters[c] for c in COUNTERS], "<i8")
         rows = self.counters_ds[:]
         if not np.array_equal(rows["value"], values):
