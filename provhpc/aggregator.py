@@ -25,6 +25,7 @@ import zmq
 
 from . import __version__
 from . import protocol as P
+from . import telemetry as _telemetry
 from .partition import PartitionWriter
 from .records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from .segment import DROP_REASONS, Segment, segment_name, shm_dir
@@ -66,6 +67,8 @@ class Aggregator:
         self.ready = threading.Event()
         self.exit_status = 0
         self._seg_prefix = f"provhpc-{os.getuid()}-{run_id}-"
+        self.gpus = _telemetry.GPUs()  # NVML, opened on first use
+        self.telemetry: _telemetry.Sampler | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -85,6 +88,8 @@ class Aggregator:
                  "writer_pid": os.getpid(), "writer_host": socket.gethostname()}
         self.path = _unused_path(self.path)  # a restarted aggregator never overwrites
         self.writer = PartitionWriter(self.path, attrs, self.cfg.compression)
+        if self.cfg.telemetry_interval > 0:
+            self.telemetry = _telemetry.Sampler(self.writer, self.gpus)
         os.chmod(self.path, 0o600)
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
@@ -128,6 +133,7 @@ class Aggregator:
         tick = max(10, int(self.cfg.heartbeat * 1000))
         last_check = time.monotonic()
         idle_since = time.monotonic()
+        next_sample = last_check + self.cfg.telemetry_interval
         while True:
             if dict(poller.poll(tick)).get(sock):
                 for _ in range(1000):  # bound the burst so liveness checks still run
@@ -141,6 +147,9 @@ class Aggregator:
             if now - last_check >= self.cfg.heartbeat:
                 last_check = now
                 self._check_liveness()
+            if self.telemetry is not None and now >= next_sample:
+                next_sample = now + self.cfg.telemetry_interval
+                self._sample_telemetry([s for s in self.streams.values() if not s.closed])
             if self._stop.is_set() and self._drain_deadline is None:
                 self._drain_deadline = now + min(3.0, self.cfg.shutdown_timeout)
             if self._done(now, idle_since):
@@ -216,7 +225,8 @@ class Aggregator:
         self.writer.upsert_rank((rank, pid), {
             "rank": rank, "local_rank": int(hello.get("local_rank", -1)), "pid": pid,
             "role": s.role, "host": str(hello.get("host", "")), "node": self.node,
-            "gpu": str(hello.get("gpu", "")), "start": int(hello.get("start", 0)),
+            "gpu": self._gpu_label(str(hello.get("gpu", ""))),
+            "start": int(hello.get("start", 0)),
             "status": "running", "reported": -1})
         self.writer.flush()
         sock.send_multipart([key, P.WELCOME, P.dumps({"mode": mode})])
@@ -279,6 +289,8 @@ class Aggregator:
         if s is None or s.closed:
             return self._malformed(sock, key, "goodbye from an unknown or closed stream")
         drops = {str(k): int(v) for k, v in dict(msg.get("dropped", {})).items()}
+        if self.telemetry is not None:  # the last sample, while the process still lives
+            self._sample_telemetry([s])
         self._close_stream(s, str(msg.get("status", "ok")), int(msg.get("exit_code", 0)),
                            int(msg.get("end", time.time_ns())), int(msg.get("records", -1)), drops)
         sock.send_multipart([key, P.FAREWELL, b""])
@@ -335,6 +347,22 @@ class Aggregator:
         except OSError as exc:
             self.writer.counters["write_errors"] += 1
             log.error("flush failed: %s", exc)
+
+    # ------------------------------------------------------------------ telemetry
+    def _sample_telemetry(self, streams) -> None:
+        try:
+            self.telemetry.sample(streams)
+        except Exception:  # telemetry must never stop the writer of the partition
+            log.exception("telemetry sample failed")
+            return
+        self._flush()
+
+    def _gpu_label(self, spec: str) -> str:
+        try:
+            return self.gpus.label(spec)
+        except Exception:
+            log.exception("GPU %r not resolved", spec)
+            return spec
 
     # ------------------------------------------------------------------ liveness and salvage
     def _check_liveness(self) -> None:

@@ -93,6 +93,9 @@ SETTINGS = {
                     "Partition compression: none (default, SWMR-safe), lzf or gzip."),
     "heartbeat": ("PROVHPC_HEARTBEAT", 0.2, _positive_float,
                   "Seconds between the aggregator's liveness checks of its ranks."),
+    "telemetry_interval": ("PROVHPC_TELEMETRY_INTERVAL", 5.0, _nonneg_float,
+                           "Seconds between the aggregator's samples of its ranks' CPU, memory, "
+                           "I/O and GPU (0 = off)."),
 }
 
 
@@ -114,6 +117,7 @@ class Config:
     external_aggregator: bool = False
     compression: str = "none"
     heartbeat: float = 0.2
+    telemetry_interval: float = 5.0
     sources: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:

@@ -104,9 +104,19 @@ def detect(env=None) -> Identity:
 
 
 def _gpu(env) -> str:
-    """The GPU this rank is bound to, as the launcher says (index or UUID)."""
+    """The GPU this rank is bound to, as the launcher says (index or UUID).
+
+    ``CUDA_VISIBLE_DEVICES`` first, else SLURM's GPU list of the step or job
+    (indices); with several devices the rank takes the one at its local rank.
+    The aggregator resolves the entry to ``index:UUID`` through NVML
+    (``telemetry.GPUs.label``) for the rank table.
+    """
     visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    if not visible or visible == "NoDevFiles":
+    if visible == "NoDevFiles":
+        return ""
+    if not visible:
+        visible = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS") or ""
+    if not visible:
         return ""
     devices = [d for d in visible.split(",") if d]
     local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",

@@ -22,6 +22,7 @@ import time
 
 from . import api
 from . import config as _config
+from . import environment as _environment
 from . import identity as _identity
 from . import records as R
 from .agent import Agent
@@ -163,7 +164,11 @@ def run_meta(ident, cfg, argv=None) -> dict:
             "numpy": numpy.__version__, "h5py": h5py.__version__, "pyzmq": zmq.__version__,
             "hdf5": h5py.version.hdf5_version, "launcher": ident.launcher,
             "job_id": ident.job_id, "step_id": ident.step_id, "world_size": ident.size,
-            "user": _user(), "argv": list(argv or sys.argv), "cwd": os.getcwd()}
+            "user": _user(), "argv": _environment.redact_argv(argv or sys.argv),
+            "cwd": os.getcwd(),
+            # only the writers of meta (node leaders, rank 0) pay for git and package look-ups
+            "environment": _environment.collect(argv or sys.argv)
+            if ident.is_leader or ident.rank == 0 else {}}
 
 
 def _user() -> str:
