@@ -282,6 +282,8 @@ class Aggregator:
         s.expected_seq = seq + 1
         self._ingest(s, recs, heap, 0, seq)
         self._flush()
+        if s.mode == "shm":
+            s.seg.zero(slot)
         sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
 
     def _on_goodbye(self, sock, key: bytes, msg: dict) -> None:
@@ -380,7 +382,7 @@ class Aggregator:
         """Take every record the rank wrote that is not yet on disk, oldest slot first."""
         if s.seg is not None:
             for slot in s.seg.pending(s.expected_seq - 1):
-                recs = s.seg.records(slot, s.seg.count(slot))
+                recs = s.seg.committed(slot)
                 before = s.records
                 self._ingest(s, recs, s.seg.heap(slot, s.seg.heap_used(slot)), F_SALVAGED,
                              s.seg.seq(slot))

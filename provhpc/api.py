@@ -16,6 +16,7 @@ import os
 import time
 
 from . import records as R
+from .agent import BACKPRESSURE, Dropped
 
 _agent = None  # the process's Agent, set by provhpc.init()
 _fork_info = None  # in a forked child: what it needs to start its own agent lazily
@@ -40,20 +41,37 @@ def _check_name(name, what="name"):
 
 
 # ---------------------------------------------------------------------- values
-def _emit_value(agent, owner: int, key: str, value, role: int) -> None:
-    if key.__class__ is not str or not key:
-        raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
-    vtype, ival, fval, text, flags = R.coerce(value, agent.max_string)
-    agent.emit(_ATTRIBUTE, vtype, flags, owner, role, _time_ns(), key, text, _NO_STEP, ival, fval)
-
-
-def _emit_values(agent, owner: int, values: dict, role: int) -> None:
+def _items(values: dict) -> list:
+    """Encoded (key, value) pairs; nested mappings flattened to dotted keys."""
+    out = []
     for key, value in values.items():
+        if key.__class__ is not str or not key:
+            raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
         if isinstance(value, dict):
-            for k, v in R.flatten(value, key + ".").items():
-                _emit_value(agent, owner, k, v, role)
+            out.extend(_items(R.flatten(value, key + ".")))
         else:
-            _emit_value(agent, owner, key, value, role)
+            out.append((key, value))
+    return out
+
+
+def _write_values(agent, owner: int, values: dict, role: int) -> None:
+    enc = agent.encode
+    items = [(k, enc(v)) for k, v in _items(values)]
+    t = _time_ns()
+    agent._acquire()
+    try:
+        agent.put_values(owner, role, t, items)
+    except Dropped:
+        agent.seg.drops[BACKPRESSURE] += 1
+    finally:
+        agent._unlock()
+
+
+def _emit_value(agent, owner: int, key: str, value, role: int) -> None:
+    _write_values(agent, owner, {key: value}, role)
+
+
+_emit_values = _write_values
 
 
 def _relate(agent, subject: int, relation: str, obj: int) -> None:
@@ -172,20 +190,36 @@ def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> En
 # ---------------------------------------------------------------------- point records
 def metric(name: str, value, step=None) -> None:
     """One point of a metric series, attached to the current activity."""
-    agent = _agent
-    if agent is None:
+    a = _agent
+    if a is None:
         if _fork_info is None:
             return
-        agent = _get_agent()
-    if name.__class__ is not str or not name:
-        _check_name(name, "metric name")
+        a = _get_agent()
     if value.__class__ is not float:
         value = _metric_value(name, value)
     if step is None:
         step = _NO_STEP
     elif step.__class__ is not int:
         step = int(step)
-    agent.emit(_METRIC, _V_FLOAT, 0, _current.get(), 0, _time_ns(), name, None, step, 0, value)
+    act = _current.get()
+    t = _time_ns()
+    a._acquire()
+    try:
+        nid = a._strings.get(name)
+        if nid is None:
+            _check_name(name, "metric name")
+            nid = a._define(name)
+        off = a._off
+        if off >= a._end:
+            if not a._rotate():
+                raise Dropped
+            off = a._off
+        a._pack(a._mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
+        a._off = off + 64
+    except Dropped:
+        a.seg.drops[BACKPRESSURE] += 1
+    finally:
+        a._unlock()
 
 
 def _metric_value(name, value) -> float:
@@ -243,17 +277,29 @@ class Activity:
     def start(self) -> Activity:
         if self._token is not None or self.id:
             raise ValueError(f"provhpc: {self.kind} {self.name!r} already started")
-        agent = _get_agent()
+        agent = _agent
         if agent is None:
-            self._token = False
-            return self
+            agent = _get_agent()
+            if agent is None:
+                self._token = False
+                return self
+        params = self.params
+        items = [(k, agent.encode(v)) for k, v in _items(params)] if params else None
         aid = self.id = agent.next_id()
         parent = self.parent = _current.get()
-        agent.emit(R.ACTIVITY_START, 0, 0, aid, parent, _time_ns(), self.name, self.kind,
-                   self.index, 0, 0.0)
+        t = _time_ns()
+        agent._acquire()
+        try:
+            sid_of = agent._sid
+            agent._put(agent.h_start, aid, parent, t, sid_of(self.name), sid_of(self.kind),
+                       self.index, 0, 0.0)
+            if items:
+                agent.put_values(aid, ROLE_PARAMETER, t, items)
+        except Dropped:
+            agent.seg.drops[BACKPRESSURE] += 1
+        finally:
+            agent._unlock()
         agent.open_activities[aid] = None
-        if self.params:
-            _emit_values(agent, aid, self.params, ROLE_PARAMETER)
         if self.inputs:
             for e in self.inputs:
                 _relate(agent, aid, R.USED, _entity_id(e))
@@ -274,12 +320,23 @@ class Activity:
         agent = _agent
         if agent is None:
             return
-        code = R.STATUS_OK if status == "ok" else R.STATUS_ERROR
-        etype = type(error).__name__ if error is not None else None
         agent.open_activities.pop(self.id, None)
         if error is not None:
-            _emit_value(agent, self.id, "exception", str(error), ROLE_ATTRIBUTE)
-        agent.emit(R.ACTIVITY_END, 0, 0, self.id, 0, _time_ns(), None, etype, _NO_STEP, code, 0.0)
+            _write_values(agent, self.id, {"exception": str(error)[:agent.max_string]},
+                          ROLE_ATTRIBUTE)
+            etype = type(error).__name__
+        else:
+            etype = None
+        code = R.STATUS_OK if status == "ok" else R.STATUS_ERROR
+        t = _time_ns()
+        agent._acquire()
+        try:
+            agent._put(agent.h_end, self.id, 0, t, 0, 0 if etype is None else agent._sid(etype),
+                       _NO_STEP, code, 0.0)
+        except Dropped:
+            agent.seg.drops[BACKPRESSURE] += 1
+        finally:
+            agent._unlock()
 
     def __enter__(self) -> Activity:
         return self.start()

@@ -9,9 +9,10 @@ Layout (all little-endian, offsets in bytes)::
                   pad u32, seq u64, opened_ns i64
     ...  slots    per slot: slot_records x 64-byte records, then the heap
 
-The rank writes a record, then stores the new count; so the count never
-covers a half-written record and a reader of a dead rank's segment sees
-exactly the records whose API call returned.  The file lives in /dev/shm,
+A slot is all zeros when the rank opens it (the aggregator clears it before
+acknowledging it), and every record has a non-zero kind; so a reader of a dead
+rank's filling slot takes records up to the first zero kind: exactly the
+records whose API call returned.  The file lives in /dev/shm,
 is created owner-only (0600) and is named per user, run and rank.
 """
 
@@ -145,6 +146,25 @@ class Segment:
         off = self.layout.records_offset(slot)
         return np.frombuffer(self.mm, RECORD_DTYPE, count=count, offset=off).copy()
 
+    def committed(self, slot: int) -> np.ndarray:
+        """The records of ``slot`` whose API call returned.
+
+        A sealed slot has its count in the table; a filling one (its rank died
+        or was stopped while writing) is read up to the first record of kind 0,
+        since slots are zeroed before reuse.
+        """
+        if self.state(slot) == SEALED:
+            return self.records(slot, self.count(slot))
+        recs = self.records(slot, self.layout.slot_records)
+        empty = np.flatnonzero(recs["kind"] == 0)
+        return recs[: empty[0]] if len(empty) else recs
+
+    def zero(self, slot: int) -> None:
+        """Clear a slot's records before it is reused (the aggregator does it before acking)."""
+        off = self.layout.records_offset(slot)
+        n = self.layout.slot_records * RECORD_SIZE
+        self.mm[off:off + n] = bytes(n)
+
     def heap(self, slot: int, used: int) -> bytes:
         off = self.layout.heap_offset(slot)
         return bytes(self.mm[off:off + min(used, self.layout.heap)])
@@ -156,7 +176,7 @@ class Segment:
         """Slots holding records not yet taken (seq > after_seq), oldest first."""
         out = []
         for s in range(self.layout.slots):
-            if self.state(s) != FREE and self.count(s) and self.seq(s) > after_seq:
+            if self.state(s) != FREE and self.seq(s) > after_seq:
                 out.append((self.seq(s), s))
         return [s for _, s in sorted(out)]
 
