@@ -128,7 +128,8 @@ class Agent:
             sid = 0 if sval is None else self._sid(sval)
             self._put(hdr, oid, ref, t, nid, sid, step, ival, fval)
         except Dropped:
-            self.seg.drops[BACKPRESSURE] += 1
+            self.seg.drops[BACKPRESSURE if self.mode in ("shm", "inline", "pending")
+                           else NO_AGGREGATOR] += 1
             return False
         finally:
             self._unlock()
@@ -199,7 +200,8 @@ class Agent:
                 return True
             self._seal_locked()
         if not self._free:
-            if self._starved or self._closing.is_set() and self.mode != "shm":
+            if self._starved or self._closing.is_set() and self.mode != "shm" \
+                    or self.mode in ("detached", "failed"):
                 return False
             deadline = time.monotonic() + self.cfg.backpressure_timeout
             while not self._free:
@@ -337,10 +339,8 @@ class Agent:
                 sock.send_multipart([P.BATCH, P.BATCH_FMT.pack(slot, seq, n, heap),
                                      bytes(self._mm[r0:r0 + n * RECORD_SIZE]),
                                      bytes(self._mm[h0:h0 + heap])])
-            else:  # detached or failed: nobody will take it
-                with self._lock:
-                    self._drop(NO_AGGREGATOR, n)
-                self._release(slot)
+            else:  # detached or failed: the slot stays sealed in the segment, which is
+                pass  # kept at exit; `provhpc recover` adds it to the node's partition
 
     def _on_message(self, frames) -> None:
         kind = frames[0]

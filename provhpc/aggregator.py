@@ -326,10 +326,16 @@ class Aggregator:
         if flags:
             recs["flags"] |= flags
         start = self.writer._n
+        if not self.writer.room(recs.nbytes + len(heap)):
+            if not self.writer.counters["dropped_records"]:
+                log.error("%s: file system (nearly) full; records are counted as dropped",
+                          self.path)
+            self.writer.counters["dropped_records"] += len(recs)
+            return
         try:
             self.writer.append(recs)
             self.writer.note_batch(s.rank, s.pid, seq, start, len(recs), flags)
-        except OSError as exc:  # disk full, read-only: count, keep serving
+        except (OSError, RuntimeError) as exc:  # disk full, read-only: count, keep serving
             self.writer.counters["write_errors"] += 1
             self.writer.counters["dropped_records"] += len(recs)
             log.error("cannot write %d records of rank %d: %s", len(recs), s.rank, exc)
@@ -339,14 +345,14 @@ class Aggregator:
     def _intern(self, data: bytes, flags: int) -> int:
         try:
             return self.writer.intern(data, flags)
-        except OSError:
+        except (OSError, RuntimeError):
             self.writer.counters["write_errors"] += 1
             return 0
 
     def _flush(self) -> None:
         try:
             self.writer.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self.writer.counters["write_errors"] += 1
             log.error("flush failed: %s", exc)
 

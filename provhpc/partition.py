@@ -39,6 +39,7 @@ COUNTERS = ("records", "batches", "bytes", "strings", "malformed_frames", "seque
             "refused_hellos")
 
 RECORD_CHUNK = 16384
+DISK_RESERVE = 256 << 10  # bytes kept free for the rank table, counters and the close
 
 
 def _compression(name: str) -> dict:
@@ -80,6 +81,7 @@ class PartitionWriter:
         self.string_map = f.create_dataset("string_map", (0,), maxshape=(None,),
                                            dtype=SMAP_DTYPE, chunks=(4096,))
         self._pending_batches: list = []
+        self.failed: str | None = None
         self._pending_smap: list = []
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.swmr = compression == "none"
@@ -110,12 +112,38 @@ class PartitionWriter:
         return sid
 
     # -- records
+    def room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit while keeping a reserve to close the file cleanly.
+
+        Checked before each batch so that a full file system never fails a write
+        half-way (HDF5 does not roll back): the partition stays consistent and
+        the records that do not fit are counted as dropped.
+        """
+        if self.failed:
+            return False
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return True
+        need = nbytes + RECORD_CHUNK * RECORD_DTYPE.itemsize + DISK_RESERVE
+        return st.f_bavail * st.f_frsize >= need
+
     def append(self, recs: np.ndarray) -> None:
         n = len(recs)
         if not n:
             return
+        if self.failed:
+            raise OSError(f"{self.path}: writing stopped after an error ({self.failed})")
         self.records.resize((self._n + n,))
-        self.records[self._n:] = recs
+        try:
+            self.records[self._n:] = recs
+        except Exception as exc:
+            self.failed = str(exc) or type(exc).__name__
+            try:
+                self.records.resize((self._n,))  # never leave rows that were not written
+            except Exception:  # noqa: BLE001 - the file is already damaged; keep what is
+                pass
+            raise OSError(f"{self.path}: {self.failed}") from exc
         self._n += n
         self.counters["records"] += n
         self.counters["batches"] += 1

@@ -197,19 +197,31 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
         comm = _mpi_comm(ident)
     rid = agree_run_id(cfg, ident, comm)
     run_dir = os.path.join(os.path.abspath(cfg.out), rid)
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        usable = os.access(run_dir, os.W_OK)
+    except OSError as exc:
+        log.warning("provhpc: cannot create %s (%s)", run_dir, exc)
+        usable = False
     endpoint, ready = rendezvous(cfg, rid, ident.node)
     meta = run_meta(ident, cfg, argv)
     proc = None
-    if ident.is_leader and not cfg.external_aggregator and not os.path.exists(ready):
-        proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
-                                ident.local_size, meta)
-    if not wait_ready(ready, cfg.startup_timeout, proc):
-        log.warning("provhpc: rank %d: no aggregator for node %s within %.0fs; records will be "
-                    "counted as dropped", ident.rank, ident.node, cfg.startup_timeout)
+    if usable and ident.is_leader and not cfg.external_aggregator and not os.path.exists(ready):
+        try:
+            proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
+                                    ident.local_size, meta)
+        except OSError as exc:  # a read-only or full output file system: run without one
+            log.warning("provhpc: cannot start the aggregator of node %s: %s", ident.node, exc)
+            usable = False
+    if not wait_ready(ready, cfg.startup_timeout if usable else 0.0, proc):
+        log.warning("provhpc: rank %d: no aggregator for node %s; records stay in segment "
+                    "%s (up to its capacity, the rest counted as dropped) for `provhpc "
+                    "recover`", ident.rank, ident.node,
+                    segment_name(rid, ident.node, ident.rank, os.getpid()))
+        usable = False
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
     agent = Agent(cfg, ident, rid, endpoint, seg_path)
-    agent.wait_ready(cfg.startup_timeout)
+    agent.wait_ready(cfg.startup_timeout if usable else 0.5)
     api._agent = agent
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
     if ident.rank == 0:
