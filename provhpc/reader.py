@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from . import records as R
+from . import tables as _tables
 from .partition import open_partition
 
 
@@ -21,12 +22,21 @@ class PartitionError(OSError):
 
 
 class Partition:
-    def __init__(self, path: str):
+    """One node's partition file, opened read-only (also while it is being written)."""
+
+    def __init__(self, path: str, run_id: str | None = None):
         self.path = path
+        self._run_id = run_id
+        self._tables: dict = {}
+        if not os.path.exists(path):
+            raise PartitionError(f"{path}: partition file is missing")
         try:
             self.f = open_partition(path)
             if self.f.attrs.get("format") != "provhpc-partition":
                 raise PartitionError(f"{path}: not a provhpc partition")
+            for name in ("records", "strings", "string_heap", "ranks"):
+                if name not in self.f:
+                    raise PartitionError(f"{path}: partition has no {name!r} dataset")
         except PartitionError:
             raise
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError for bad files
@@ -38,6 +48,10 @@ class Partition:
     @property
     def node(self) -> str:
         return str(self.f.attrs.get("node", os.path.basename(self.path)[:-3]))
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id or str(self.f.attrs.get("run_id", ""))
 
     @property
     def complete(self) -> bool:
@@ -58,22 +72,30 @@ class Partition:
     def __len__(self) -> int:
         return self.f["records"].shape[0]
 
+    def _read(self, what, fn):
+        try:
+            return fn()
+        except PartitionError:
+            raise
+        except Exception as exc:  # a corrupt chunk surfaces only when it is read
+            raise PartitionError(f"{self.path}: cannot read {what} ({exc})") from exc
+
     def records(self, fields=None) -> np.ndarray:
         ds = self.f["records"]
         if fields is None:
-            return ds[:]
-        return ds.fields(list(fields))[:]
+            return self._read("records", lambda: ds[:])
+        return self._read("records", lambda: ds.fields(list(fields))[:])
 
     def column(self, name: str) -> np.ndarray:
-        return self.f["records"].fields(name)[:]
+        return self._read("records", lambda: self.f["records"].fields(name)[:])
 
     @cached_property
     def strings(self) -> np.ndarray:
         """The string table as an object array indexed by string id."""
-        idx = self.f["strings"][:]
-        heap = self.f["string_heap"][:].tobytes()
+        idx = self._read("strings", lambda: self.f["strings"][:])
+        heap = self._read("string_heap", lambda: self.f["string_heap"][:].tobytes())
         out = np.empty(len(idx), object)
-        for i, (off, length, _flags) in enumerate(idx):
+        for i, (off, length, _flags) in enumerate(idx.tolist()):
             out[i] = heap[off:off + length].decode("utf-8", "replace")
         return out
 
@@ -82,26 +104,68 @@ class Partition:
         return self.f["strings"].fields("flags")[:] & R.F_TRUNCATED != 0
 
     def ranks(self) -> np.ndarray:
-        return self.f["ranks"][:]
+        return self._read("ranks", lambda: self.f["ranks"][:])
 
     def drops(self) -> np.ndarray:
-        return self.f["drops"][:]
+        return self._read("drops", lambda: self.f["drops"][:]) if "drops" in self.f \
+            else np.zeros(0, [("rank", "<i4"), ("pid", "<i8"), ("reason", "S32"), ("count", "<u8")])
 
     def counters(self) -> dict:
+        if "counters" not in self.f:
+            return {}
         return {r["name"].decode(): int(r["value"]) for r in self.f["counters"][:]}
+
+    def record_nodes(self, ranks: np.ndarray) -> np.ndarray:
+        """The node of each record, from the rank table (a merged partition holds many nodes)."""
+        table = self.ranks()
+        out = np.full(len(ranks), self.node, object)
+        if len(table):
+            keys = table["rank"]
+            names = np.array([n.decode() or self.node for n in table["node"]], object)
+            order = np.argsort(keys, kind="stable")
+            pos = np.clip(np.searchsorted(keys[order], ranks), 0, len(keys) - 1)
+            hit = keys[order][pos] == ranks
+            out[hit] = names[order][pos][hit]
+        return out
+
+    def tables(self) -> dict:
+        """Per-kind tables of this partition (see ``provhpc.tables``), decoded once."""
+        if not self._tables:
+            recs = self.records()
+            self._tables = _tables.decode(recs, self.strings, self.run_id,
+                                          self.record_nodes(recs["rank"]))
+            self._tables["time_range"] = ((int(recs["t"].min()), int(recs["t"].max()))
+                                          if len(recs) else (0, 0))
+        return self._tables
+
+
+TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
 
 
 class Run:
-    """A run directory: its partitions (``<node>.h5``) and manifest."""
+    """A run directory: its partitions (``<node>.h5``) and manifest.
 
-    def __init__(self, path: str):
+    Tables (``tasks()``, ``entities()``, ``metrics()``, ``attributes()``,
+    ``relations()``) are decoded on first use, one partition at a time; a
+    partition that fails is listed in ``errors`` (naming its file) and the
+    others stay readable.  ``select`` restricts the run to some partitions
+    (``mpiexec -n N provhpc query`` gives each rank ``paths[rank::N]``).
+    """
+
+    def __init__(self, path: str, select=None):
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{path}: no such run directory")
-        self.partition_paths = sorted(
+        self.all_partition_paths = sorted(
             os.path.join(self.path, f) for f in os.listdir(self.path) if f.endswith(".h5"))
+        self.partition_paths = (self.all_partition_paths if select is None
+                                else list(select(self.all_partition_paths)))
         self.errors: dict[str, str] = {}
         self._partitions: list[Partition] | None = None
+        self._cache: dict = {}
+
+    def __repr__(self) -> str:
+        return f"<provhpc.Run {self.run_id} partitions={len(self.partition_paths)}>"
 
     @property
     def run_id(self) -> str:
@@ -122,14 +186,28 @@ class Run:
             self._partitions = []
             for p in self.partition_paths:
                 try:
-                    self._partitions.append(Partition(p))
+                    self._partitions.append(Partition(p, self.run_id))
                 except PartitionError as exc:
                     self.errors[p] = str(exc)
+            for p in self.missing_partitions():
+                self.errors[p] = f"{p}: partition file is missing"
         return self._partitions
+
+    def missing_partitions(self) -> list[str]:
+        """Partitions of nodes that left an aggregator log (or are in the manifest) but no file."""
+        nodes = set(self.manifest.get("nodes") or [])
+        nodes.update(f[:-len(".aggregator.log")] for f in os.listdir(self.path)
+                     if f.endswith(".aggregator.log"))
+        paths = {os.path.join(self.path, f"{n}.h5") for n in nodes}
+        if self.partition_paths is not self.all_partition_paths:
+            return []  # a selection checks only what it was given
+        return sorted(p for p in paths if not os.path.exists(p))
 
     def close(self) -> None:
         for p in self._partitions or []:
             p.close()
+        self._partitions = None
+        self._cache.clear()
 
     def __enter__(self):
         return self
@@ -137,6 +215,59 @@ class Run:
     def __exit__(self, *exc):
         self.close()
 
+    # ------------------------------------------------------------------ tables
+    def table(self, name: str) -> _tables.Table:
+        """One of ``TABLES`` over all readable partitions."""
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
+        if name not in self._cache:
+            parts = []
+            for p in list(self.partitions):
+                try:
+                    parts.append(p.tables()[name])
+                except PartitionError as exc:
+                    self.errors[p.path] = str(exc)
+                    self._partitions.remove(p)
+            self._cache[name] = _tables.concat(name, parts)
+        return self._cache[name]
+
+    def tasks(self):
+        """Activities (run, stages, epochs, tasks): one row each, start and end joined."""
+        return self.table("tasks")
+
+    def entities(self):
+        return self.table("entities")
+
+    def metrics(self):
+        return self.table("metrics")
+
+    def attributes(self):
+        return self.table("attributes")
+
+    def relations(self):
+        return self.table("relations")
+
+    def time_range(self) -> tuple[int, int]:
+        """First and last record time (ns) over the readable partitions."""
+        ranges = []
+        for p in self.partitions:
+            try:
+                ranges.append(p.tables()["time_range"])
+            except PartitionError as exc:
+                self.errors[p.path] = str(exc)
+        ranges = [r for r in ranges if r != (0, 0)]
+        if not ranges:
+            return (0, 0)
+        return (min(r[0] for r in ranges), max(r[1] for r in ranges))
+
+    def timeline(self, rank=None):
+        """Activities sorted by (rank, start), optionally of some ranks: the per-rank timeline."""
+        t = np.asarray(self.tasks())
+        if rank is not None:
+            t = t[np.isin(t["rank"], np.atleast_1d(rank))]
+        return _tables.as_table(t[np.lexsort((t["start"], t["rank"]))])
+
+    # ------------------------------------------------------------------ metadata
     def ranks(self) -> list[dict]:
         rows = []
         for p in self.partitions:
@@ -159,60 +290,247 @@ class Run:
                             "reason": d["reason"].decode(), "count": int(d["count"])})
         return out
 
+    def metadata(self) -> dict:
+        """Job, launcher, nodes, ranks, effective configuration, versions, drops."""
+        m = self.manifest
+        meta = dict(m.get("meta") or {})
+        if not meta and self.partitions:
+            meta = self.partitions[0].attrs.get("meta") or {}
+        config = m.get("config") or (self.partitions[0].attrs.get("config")
+                                     if self.partitions else {}) or {}
+        version_keys = ("provhpc", "python", "numpy", "h5py", "pyzmq", "hdf5")
+        ranks = self.ranks()
+        return {
+            "run_id": self.run_id, "path": self.path, "status": m.get("status"),
+            "exit_code": m.get("exit_code"), "start": m.get("start"), "end": m.get("end"),
+            "job": {"id": meta.get("job_id", ""), "step": meta.get("step_id", ""),
+                    "user": meta.get("user", ""), "argv": meta.get("argv", []),
+                    "cwd": meta.get("cwd", "")},
+            "launcher": meta.get("launcher", ""),
+            "nodes": sorted({r["node"] for r in ranks} | {p.node for p in self.partitions}),
+            "ranks": sorted({r["rank"] for r in ranks if r["role"] == "rank"}),
+            "world_size": meta.get("world_size"),
+            "config": config, "config_sources": m.get("config_sources", {}),
+            "versions": {k: meta[k] for k in version_keys if k in meta},
+            "dropped_by_reason": _drop_reasons(self.drops()),
+            "partition_errors": dict(self.errors),
+        }
 
-def open_path(path: str):
-    """A ``Run`` for a run directory (or ``latest`` inside an output directory)."""
-    if os.path.isdir(path) and not any(f.endswith(".h5") for f in os.listdir(path)) \
-            and os.path.exists(os.path.join(path, "latest")):
-        path = os.path.join(path, "latest")
-    return Run(path)
+
+def _drop_reasons(drops) -> dict:
+    reasons: dict[str, int] = {}
+    for d in drops:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + d["count"]
+    return reasons
 
 
-def summary(run: Run) -> dict:
-    """Ranks, nodes, records by kind per rank, drops, duration: the `provhpc summary` view."""
-    kinds_total: dict[str, int] = {}
+def _is_run_dir(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return "manifest.json" in names or any(f.endswith(".h5") for f in names)
+
+
+class Collection:
+    """A directory of runs, for cross-run questions (``best``, multi-workflow lineage).
+
+    Where a single run is expected (``summary``, ``with ... as run``) a
+    collection stands for its latest run, as the CLI has always read an
+    output directory.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        seen, runs = set(), []
+        for name in sorted(os.listdir(self.path)):
+            sub = os.path.join(self.path, name)
+            real = os.path.realpath(sub)
+            if os.path.isdir(sub) and real not in seen and name != "latest" \
+                    and _is_run_dir(sub):
+                seen.add(real)
+                runs.append(Run(sub))
+        if not runs:
+            raise FileNotFoundError(f"{path}: no runs in this directory")
+        self.runs = sorted(runs, key=lambda r: (r.manifest.get("start") or 0, r.run_id))
+        self._cache: dict = {}
+
+    def __repr__(self) -> str:
+        return f"<provhpc.Collection {self.path} runs={len(self.runs)}>"
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return self.runs[key]
+        for r in self.runs:
+            if r.run_id == key or os.path.basename(r.path) == key:
+                return r
+        raise KeyError(key)
+
+    @property
+    def latest(self) -> Run:
+        link = os.path.join(self.path, "latest")
+        if os.path.isdir(link):
+            real = os.path.realpath(link)
+            for r in self.runs:
+                if os.path.realpath(r.path) == real:
+                    return r
+        return self.runs[-1]
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("runs", "path"):
+            raise AttributeError(name)
+        return getattr(self.latest, name)
+
+    def table(self, name: str):
+        if name not in self._cache:
+            self._cache[name] = _tables.concat(name, [r.table(name) for r in self.runs])
+        return self._cache[name]
+
+    def tasks(self):
+        return self.table("tasks")
+
+    def entities(self):
+        return self.table("entities")
+
+    def metrics(self):
+        return self.table("metrics")
+
+    def attributes(self):
+        return self.table("attributes")
+
+    def relations(self):
+        return self.table("relations")
+
+    @property
+    def errors(self) -> dict:
+        out = {}
+        for r in self.runs:
+            r.partitions  # noqa: B018 - opening lists the errors
+            out.update(r.errors)
+        return out
+
+    def close(self) -> None:
+        for r in self.runs:
+            r.close()
+        self._cache.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_path(path: str, select=None):
+    """A ``Run`` for a run directory, a ``Collection`` for a directory of runs."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such run or directory")
+    if os.path.isdir(path) and not _is_run_dir(path):
+        if select is not None:
+            link = os.path.join(path, "latest")
+            return Run(link if os.path.isdir(link) else Collection(path).latest.path, select)
+        return Collection(path)
+    return Run(path, select)
+
+
+def _summary_part(run) -> dict:
+    """The per-partition counts of ``summary`` (combined across MPI ranks by ``combine``)."""
     per_rank_kinds: dict[int, dict] = {}
     t0, t1 = None, None
     for p in run.partitions:
-        cols = p.records(["kind", "rank", "t"])
+        try:
+            cols = p.records(["kind", "rank", "t"])
+        except PartitionError as exc:
+            run.errors[p.path] = str(exc)
+            continue
         if len(cols):
             lo, hi = int(cols["t"].min()), int(cols["t"].max())
             t0 = lo if t0 is None else min(t0, lo)
             t1 = hi if t1 is None else max(t1, hi)
-        for rank in np.unique(cols["rank"]):
-            sel = cols["kind"][cols["rank"] == rank]
-            counts = np.bincount(sel, minlength=8)
-            d = per_rank_kinds.setdefault(int(rank), {})
+        ranks, inverse = np.unique(cols["rank"], return_inverse=True)
+        counts = np.zeros((len(ranks), 8), np.int64)
+        np.add.at(counts, (inverse, np.minimum(cols["kind"], 7)), 1)
+        for i, rank in enumerate(ranks.tolist()):
+            d = per_rank_kinds.setdefault(rank, {})
             for k, name in R.KIND_NAMES.items():
-                if counts[k]:
-                    d[name] = d.get(name, 0) + int(counts[k])
-                    kinds_total[name] = kinds_total.get(name, 0) + int(counts[k])
-    ranks = run.ranks()
-    reasons: dict[str, int] = {}
-    for d in run.drops():
-        reasons[d["reason"]] = reasons.get(d["reason"], 0) + d["count"]
+                if counts[i, k]:
+                    d[name] = d.get(name, 0) + int(counts[i, k])
     counters: dict[str, int] = {}
     for p in run.partitions:
         for k, v in p.counters().items():
             counters[k] = counters.get(k, 0) + v
+    good = [p for p in run.partitions if p.path not in run.errors]
+    return {"per_rank_kinds": per_rank_kinds, "t0": t0, "t1": t1, "ranks": run.ranks(),
+            "drops": run.drops(), "counters": counters, "errors": dict(run.errors),
+            "nodes": [p.node for p in good],
+            "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
+                            "records": len(p)} for p in good]}
+
+
+def _combine(run, parts: list) -> dict:
+    per_rank_kinds: dict[int, dict] = {}
+    kinds_total: dict[str, int] = {}
+    counters: dict[str, int] = {}
+    ranks, drops, partitions, errors, nodes = [], [], [], {}, set()
+    t0s = [p["t0"] for p in parts if p["t0"] is not None]
+    t1s = [p["t1"] for p in parts if p["t1"] is not None]
+    for part in parts:
+        for rank, d in part["per_rank_kinds"].items():
+            mine = per_rank_kinds.setdefault(int(rank), {})
+            for k, v in d.items():
+                mine[k] = mine.get(k, 0) + v
+                kinds_total[k] = kinds_total.get(k, 0) + v
+        for k, v in part["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+        ranks += part["ranks"]
+        drops += part["drops"]
+        partitions += part["partitions"]
+        errors.update(part["errors"])
+        nodes.update(part["nodes"])
+    ranks.sort(key=lambda r: (r["rank"], r["pid"]))
+    partitions.sort(key=lambda p: p["path"])
+    reasons = _drop_reasons(drops)
     written_lost = counters.get("dropped_records", 0) - sum(reasons.values())
     if written_lost > 0:
         reasons["aggregator_write"] = reasons.get("aggregator_write", 0) + written_lost
     return {
         "run_id": run.run_id,
         "path": run.path,
-        "nodes": sorted({p.node for p in run.partitions}),
-        "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
-                        "records": len(p)} for p in run.partitions],
-        "partition_errors": run.errors,
+        "nodes": sorted(nodes),
+        "partitions": partitions,
+        "partition_errors": errors,
         "ranks": [{**r, "records_by_kind": per_rank_kinds.get(r["rank"], {})
                    if r["role"] == "rank" else {}} for r in ranks],
         "world_size": len({r["rank"] for r in ranks}),
-        "records_total": int(sum(len(p) for p in run.partitions)),
+        "records_total": int(sum(p["records"] for p in partitions)),
         "dropped_total": int(sum(reasons.values())),
         "dropped_by_reason": reasons,
         "records_by_kind": kinds_total,
         "counters": counters,
-        "duration_s": (t1 - t0) / 1e9 if t0 is not None else 0.0,
+        "duration_s": (max(t1s) - min(t0s)) / 1e9 if t0s else 0.0,
         "status": run.manifest.get("status"),
     }
+
+
+def summary(run, comm=None) -> dict:
+    """Ranks, nodes, records by kind per rank, drops, duration: the `provhpc summary` view.
+
+    With ``comm`` (an mpi4py communicator, and ``run`` opened with a
+    selection of partitions per rank) the counts are gathered on rank 0;
+    other ranks get None.
+    """
+    if isinstance(run, Collection):
+        run = run.latest
+    if comm is None:
+        return _combine(run, [_summary_part(run)])
+    from .mpi_post import gather_or_raise
+
+    parts = gather_or_raise(comm, lambda: _summary_part(run))
+    return _combine(run, parts) if parts is not None else None

@@ -1,0 +1,315 @@
+"""Lineage: the PROV graph of one run or of a directory of runs, and its closures.
+
+Nodes are activities (one per task row) and *logical* entities.  Entity
+records denote the same logical entity when they share an identity:
+
+* a content hash (``data(path, hash=True)``): the path (made absolute with the
+  run's working directory) plus the hash — this links a file across runs;
+* a key with a URI scheme (``urn:…``, ``doi:…``, ``s3://…``): a user-given
+  global id — also links across runs;
+* otherwise kind plus key within one run (every rank's ``split/validation``
+  is one entity), never across runs.
+
+Edges are the captured relations, each read as "subject depends on object"
+(``used``, ``wasGeneratedBy``, ``wasDerivedFrom``, ``wasInformedBy``,
+``hadMember``).  ``backward`` follows them from a node to its origins,
+``forward`` to what came of it.  Closures run as vectorised frontier
+expansions over CSR arrays, never per edge in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from .tables import as_table, lookup, pair_keys
+
+NODE_DTYPE = np.dtype([
+    ("node", "<i8"), ("type", "O"), ("run", "O"), ("rank", "<i4"), ("id", "<u8"),
+    ("name", "O"), ("kind", "O"), ("hash", "O"), ("host", "O"), ("start", "<i8"),
+    ("end", "<i8"), ("status", "O"), ("identity", "O")])
+EDGE_DTYPE = np.dtype([("src", "<i8"), ("relation", "O"), ("dst", "<i8"), ("run", "O"),
+                       ("rank", "<i4"), ("t", "<i8")])
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def entity_identity(run_id: str, cwd: str, kind, key, hsh) -> np.ndarray:
+    """The identity string of each entity record (see the module docstring)."""
+    out = np.empty(len(key), object)
+    for i, (k, kd, h) in enumerate(zip(key.tolist(), kind.tolist(), hsh.tolist())):
+        if h:
+            path = os.path.normpath(os.path.join(cwd, k)) if cwd and not _URI.match(k) else k
+            out[i] = f"file:{path}#{h}"
+        elif _URI.match(k) and not k.startswith("file:"):
+            out[i] = f"id:{k}"
+        else:
+            out[i] = f"run:{run_id}:{kd}:{k}"
+    return out
+
+
+class Graph:
+    """The PROV graph of some runs: ``nodes`` and ``edges`` tables plus CSR indexes."""
+
+    def __init__(self, runs):
+        runs = list(runs)
+        act, ent_rows, rel = [], [], []
+        n_act = 0
+        for run in runs:
+            t, e, r = np.asarray(run.tasks()), np.asarray(run.entities()), \
+                np.asarray(run.relations())
+            cwd = (run.manifest.get("meta") or {}).get("cwd", "")
+            ident = entity_identity(run.run_id, cwd, e["kind"], e["key"], e["hash"])
+            kt, ke, ks, ko = pair_keys((t["rank"], t["id"]), (e["rank"], e["id"]),
+                                       (r["rank"], r["subject"]), (r["rank"], r["object"]))
+            keys = np.concatenate([kt, ke])
+            # activities: their global node index; entity records: -(global record index + 1)
+            e_off = sum(len(x[0]) for x in ent_rows)
+            vals = np.concatenate([n_act + np.arange(len(t)), -(e_off + np.arange(len(e)) + 1)])
+            order = np.argsort(keys, kind="stable")
+            src, dst = lookup(keys[order], order, ks), lookup(keys[order], order, ko)
+            ok = (src >= 0) & (dst >= 0)
+            rel.append((vals[src[ok]], vals[dst[ok]], r[ok]))
+            act.append(t)
+            ent_rows.append((e, ident))
+            n_act += len(t)
+        self._build(act, ent_rows, rel, n_act)
+
+    def _build(self, act, ent_rows, rel, n_act):
+        t = np.concatenate(act) if act else np.zeros(0, NODE_DTYPE)
+        e = np.concatenate([x[0] for x in ent_rows]) if ent_rows else None
+        ident = np.concatenate([x[1] for x in ent_rows]) if ent_rows else np.zeros(0, object)
+        uniq, first, inverse = np.unique(ident.astype(str), return_index=True,
+                                         return_inverse=True)
+        n = n_act + len(uniq)
+        nodes = np.zeros(n, NODE_DTYPE)
+        nodes["node"] = np.arange(n)
+        if n_act:
+            a = nodes[:n_act]
+            for col in ("run", "rank", "id", "name", "start", "end", "status"):
+                a[col] = t[col]
+            a["type"], a["kind"], a["host"], a["hash"] = "activity", t["type"], t["node"], ""
+            a["identity"] = ""
+            nodes[:n_act] = a
+        if len(uniq):
+            en = nodes[n_act:]
+            rep = e[first]
+            en["type"], en["run"], en["rank"], en["id"] = "entity", rep["run"], rep["rank"], \
+                rep["id"]
+            en["name"], en["kind"], en["hash"], en["host"] = rep["key"], rep["kind"], \
+                rep["hash"], rep["node"]
+            en["start"], en["end"], en["status"] = rep["t"], -1, ""
+            en["identity"] = uniq.astype(object)
+            nodes[n_act:] = en
+        self.entity_of_record = n_act + inverse  # logical entity node of each entity record
+        self.entity_records = e
+        self.nodes = as_table(nodes)
+        self.n_activities = n_act
+
+        def resolve(v):
+            return np.where(v >= 0, v, n_act + inverse[np.maximum(-v - 1, 0)] if len(inverse)
+                            else -1)
+
+        edges = np.zeros(sum(len(x[0]) for x in rel), EDGE_DTYPE)
+        if len(edges):
+            edges["src"] = np.concatenate([resolve(s) for s, _, _ in rel])
+            edges["dst"] = np.concatenate([resolve(d) for _, d, _ in rel])
+            rr = np.concatenate([r for _, _, r in rel])
+            edges["relation"], edges["run"], edges["rank"], edges["t"] = \
+                rr["relation"], rr["run"], rr["rank"], rr["t"]
+            # the same relation stated by several ranks about one logical entity: keep one
+            key = np.stack([edges["src"], edges["dst"],
+                            np.unique(edges["relation"].astype(str), return_inverse=True)[1]], 1)
+            _, keep = np.unique(key, axis=0, return_index=True)
+            edges = edges[np.sort(keep)]
+        self.edges = as_table(edges)
+        self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
+                     "forward": _csr(edges["dst"], edges["src"], n)}
+
+    # ------------------------------------------------------------------ lookup
+    def resolve(self, spec: str, cwd: str = "") -> np.ndarray:
+        """Node indices for ``spec``: ``[run/]rank:id``, an entity key or path, or a task name."""
+        spec = str(spec)
+        nodes = np.asarray(self.nodes)
+        m = re.fullmatch(r"(?:(?P<run>[^/]+)/)?(?P<rank>-?\d+):(?P<id>0x[0-9a-fA-F]+|\d+)", spec)
+        if m:
+            sel = (nodes["rank"] == int(m["rank"])) & (nodes["id"] == int(m["id"], 0))
+            if m["run"]:
+                sel &= nodes["run"] == m["run"]
+            hit = np.flatnonzero(sel)
+            if not len(hit) and self.entity_records is not None:
+                er = self.entity_records
+                rec = (er["rank"] == int(m["rank"])) & (er["id"] == int(m["id"], 0))
+                if m["run"]:
+                    rec &= er["run"] == m["run"]
+                hit = np.unique(self.entity_of_record[rec])
+            if len(hit):
+                return hit
+        is_ent = nodes["type"] == "entity"
+        for candidate in _spellings(spec, cwd):
+            hit = np.flatnonzero(is_ent & (nodes["name"] == candidate))
+            if len(hit):
+                return hit
+        absolute = os.path.abspath(spec)
+        ids = nodes["identity"].astype(str)
+        hit = np.flatnonzero(is_ent & np.char.startswith(ids, f"file:{absolute}#"))
+        if len(hit):
+            return hit
+        hit = np.flatnonzero(~is_ent & (nodes["name"] == spec))
+        if len(hit):
+            return hit
+        base = os.path.basename(spec)
+        names = nodes["name"].astype(str)
+        hit = np.flatnonzero(is_ent & (np.char.endswith(names, "/" + base) | (names == base)))
+        if len(hit):
+            return hit
+        raise ValueError(f"{spec!r}: no entity or activity with this id, key, path or name")
+
+    # ------------------------------------------------------------------ closures
+    def closure(self, start, direction: str = "backward", depth: int | None = None) -> Lineage:
+        if direction not in self._csr:
+            raise ValueError(f"direction must be 'backward' or 'forward', got {direction!r}")
+        indptr, nbr = self._csr[direction]
+        start = np.unique(np.atleast_1d(np.asarray(start, np.int64)))
+        level = np.full(len(self.nodes), -1, np.int64)
+        level[start] = 0
+        frontier, d = start, 0
+        while len(frontier) and (depth is None or d < depth):
+            nb = _neighbours(indptr, nbr, frontier)
+            nb = np.unique(nb[level[nb] < 0])
+            d += 1
+            level[nb] = d
+            frontier = nb
+        return Lineage(self, start, level, direction)
+
+    def lineage(self, spec, direction="backward", depth=None, cwd="") -> Lineage:
+        start = spec if isinstance(spec, (np.ndarray, list, int, np.integer)) \
+            else self.resolve(spec, cwd)
+        return self.closure(start, direction, depth)
+
+    def label(self, i: int) -> str:
+        n = self.nodes[int(i)]
+        if n["type"] == "activity":
+            return f"{n['kind']} {n['name']} (rank {n['rank']}, {n['rank']}:{n['id']})"
+        return f"{n['kind']} {n['name']}"
+
+
+def _spellings(spec: str, cwd: str):
+    yield spec
+    if cwd and os.path.isabs(spec):
+        yield os.path.relpath(spec, cwd)
+    yield os.path.normpath(spec)
+
+
+def _csr(src, dst, n):
+    order = np.argsort(src, kind="stable")
+    indptr = np.zeros(n + 1, np.int64)
+    np.add.at(indptr, src + 1, 1) if len(src) else None
+    return np.cumsum(indptr), np.asarray(dst)[order]
+
+
+def _neighbours(indptr, nbr, frontier):
+    lo, hi = indptr[frontier], indptr[frontier + 1]
+    counts = hi - lo
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+    return nbr[starts + np.arange(total)]
+
+
+class Lineage:
+    """A closure: its nodes (with ``level``, the distance from the start) and edges."""
+
+    def __init__(self, graph: Graph, start, level, direction):
+        self.graph, self.start, self.direction = graph, start, direction
+        self.level = level
+        inside = level >= 0
+        nodes = np.asarray(graph.nodes)[inside]
+        self.node_index = np.flatnonzero(inside)
+        e = np.asarray(graph.edges)
+        self.edge_index = np.flatnonzero(inside[e["src"]] & inside[e["dst"]]) if len(e) \
+            else np.zeros(0, np.int64)
+        self._levels = level[inside]
+        self._nodes = nodes
+
+    @property
+    def nodes(self):
+        out = np.zeros(len(self._nodes), NODE_DTYPE.descr + [("level", "<i8")])
+        for name in NODE_DTYPE.names:
+            out[name] = self._nodes[name]
+        out["level"] = self._levels
+        return as_table(out[np.lexsort((out["node"], out["level"]))])
+
+    @property
+    def edges(self):
+        return as_table(np.asarray(self.graph.edges)[self.edge_index])
+
+    def activities(self):
+        n = self.nodes
+        return as_table(np.asarray(n)[n["type"] == "activity"])
+
+    def entities(self):
+        n = self.nodes
+        return as_table(np.asarray(n)[n["type"] == "entity"])
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(set(self.activities()["rank"].tolist()))
+
+    @property
+    def hosts(self) -> list[str]:
+        return sorted(set(self.activities()["host"].tolist()))
+
+    def path(self, target) -> list[tuple]:
+        """A shortest chain from the start to ``target`` (node index or spec) as (node, relation, node)."""
+        if not isinstance(target, (int, np.integer)):
+            hits = [int(t) for t in self.graph.resolve(target) if self.level[t] >= 0]
+            if not hits:
+                raise ValueError(f"{target!r} is not in this {self.direction} lineage")
+            target = min(hits, key=lambda t: self.level[t])
+        e = np.asarray(self.graph.edges)[self.edge_index]
+        if self.direction == "backward":
+            src, dst = e["src"], e["dst"]
+        else:
+            src, dst = e["dst"], e["src"]
+        chain, cur = [], int(target)
+        while self.level[cur] > 0:
+            cand = np.flatnonzero((dst == cur) & (self.level[src] == self.level[cur] - 1))
+            if not len(cand):
+                break
+            k = cand[0]
+            chain.append((int(src[k]), str(e["relation"][k]), cur))
+            cur = int(src[k])
+        return chain[::-1]
+
+    def to_dict(self) -> dict:
+        return {"direction": self.direction, "start": [int(s) for s in self.start],
+                "nodes": self.nodes.to_dicts(), "edges": self.edges.to_dicts()}
+
+    def to_prov(self, **kw):
+        """This subgraph as a ``prov.model.ProvDocument`` (needs the ``prov`` package)."""
+        from .export import to_prov
+
+        return to_prov(self.graph.runs_for_export, lineage=self, **kw)
+
+
+def graph(run_or_collection) -> Graph:
+    """The lineage graph of a run or of every run in a collection, cached on it."""
+    cache = getattr(run_or_collection, "_cache", None)
+    if cache is not None and "graph" in cache:
+        return cache["graph"]
+    runs = getattr(run_or_collection, "runs", None) or [run_or_collection]
+    g = Graph(runs)
+    g.runs_for_export = runs
+    if cache is not None:
+        cache["graph"] = g
+    return g
+
+
+def lineage(run_or_collection, spec, direction: str = "backward", depth: int | None = None):
+    """The backward or forward closure of an entity or task (id, key, path or name)."""
+    runs = getattr(run_or_collection, "runs", None) or [run_or_collection]
+    cwd = (runs[-1].manifest.get("meta") or {}).get("cwd", "")
+    return graph(run_or_collection).lineage(spec, direction, depth, cwd)

@@ -1,0 +1,181 @@
+"""Filtering tables: by kind, name, rank, node, time window and attribute comparisons.
+
+    rows = query.select(run, "tasks", kind="epoch", rank=[0, 1], where=["duration_s>0.1"])
+    rows = query.select(run, "entities", where=["hash~blake2b:*", "size>=1000"])
+
+A ``where`` term ``KEY OP VALUE`` (OP one of ``== = != > >= < <= ~``; ``~`` is
+a glob) compares the table's column ``KEY`` when it has one, otherwise the
+attribute ``KEY`` of each row's owner (the task, entity or, for metrics, the
+activity).  Names match as globs.  Everything is a vectorised mask; globs and
+comparisons run once per distinct value, not once per row.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import re
+
+import numpy as np
+
+from .tables import as_table, pair_keys
+
+_OWNER = {"tasks": "id", "entities": "id", "metrics": "activity", "attributes": "owner",
+          "relations": "subject"}
+_NAME = {"tasks": "name", "entities": "key", "metrics": "name", "attributes": "key",
+         "relations": "relation"}
+_KIND = {"tasks": "type", "entities": "kind", "attributes": "role", "relations": "relation",
+         "metrics": "name"}
+_TIME = {"tasks": "start", "entities": "t", "metrics": "t", "attributes": "t", "relations": "t"}
+_TERM = re.compile(r"^\s*([^\s=!<>~]+)\s*(==|!=|>=|<=|=|>|<|~)\s*(.*?)\s*$")
+
+
+def parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_term(term: str):
+    m = _TERM.match(term)
+    if not m:
+        raise ValueError(f"bad comparison {term!r}: expected KEY OP VALUE, OP one of "
+                         "== != > >= < <= ~")
+    key, op, value = m.groups()
+    return key, "==" if op == "=" else op, parse_value(value)
+
+
+def compare(values: np.ndarray, op: str, value, vtype: np.ndarray | None = None) -> np.ndarray:
+    """A mask of ``values OP value``; strings compare as strings, numbers as numbers.
+
+    ``vtype`` (the attribute table's column) says which object values are
+    numbers; without it an object column is taken to hold strings.
+    """
+    values = np.asarray(values)
+    if op == "~":
+        uniq, inv = np.unique(values.astype(str), return_inverse=True)
+        hits = np.array([fnmatch.fnmatchcase(u, str(value)) for u in uniq], bool)
+        return hits[inv] if len(uniq) else np.zeros(len(values), bool)
+    out = np.full(len(values), op == "!=")
+    if values.dtype.kind != "O":
+        return out if isinstance(value, str) else _OPS[op](values, value)
+    if vtype is None:
+        strm = np.ones(len(values), bool)
+        num = np.zeros(len(values), bool)
+    else:
+        strm = vtype == "str"
+        num = np.isin(vtype, ("int", "float", "bool"))
+    if isinstance(value, str):
+        if strm.any():
+            out[strm] = _OPS[op](values[strm].astype(str), value)
+    elif num.any():
+        out[num] = _OPS[op](values[num].astype(float), float(value))
+    elif vtype is None and op in ("==", "!="):  # a number against a string column: its text
+        out[:] = _OPS[op](values.astype(str), str(value))
+    return out
+
+
+_OPS = {"==": np.equal, "!=": np.not_equal, ">": np.greater, ">=": np.greater_equal,
+        "<": np.less, "<=": np.less_equal}
+
+
+def to_ns(when, origin_ns: int) -> int:
+    """A time bound: seconds from the run's start (number) or an ISO-8601 date-time."""
+    if isinstance(when, (int, float)):
+        return origin_ns + int(when * 1e9)
+    text = str(when)
+    try:
+        return origin_ns + int(float(text) * 1e9)
+    except ValueError:
+        pass
+    dt = _dt.datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.astimezone()
+    return int(dt.timestamp() * 1e9)
+
+
+def iso(ns: int) -> str:
+    if ns is None or ns < 0:
+        return ""
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+
+
+def _glob_mask(col: np.ndarray, patterns) -> np.ndarray:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    uniq, inv = np.unique(col.astype(str), return_inverse=True)
+    hits = np.array([any(fnmatch.fnmatchcase(u, p) for p in patterns) for u in uniq], bool)
+    return hits[inv] if len(uniq) else np.zeros(len(col), bool)
+
+
+def _runs(source):
+    return getattr(source, "runs", None) or [source]
+
+
+def select(source, table: str = "tasks", *, kind=None, name=None, rank=None, node=None,
+           since=None, until=None, where=(), status=None):
+    """Rows of ``table`` over a run or a collection, filtered; a ``Table``."""
+    parts = [_select_run(run, table, kind, name, rank, node, since, until, where, status)
+             for run in _runs(source)]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return as_table(np.asarray(source.table(table))[:0])
+    return as_table(np.concatenate(parts))
+
+
+def _select_run(run, table, kind, name, rank, node, since, until, where, status):
+    t = np.asarray(run.table(table))
+    mask = np.ones(len(t), bool)
+    if kind is not None:
+        mask &= _glob_mask(t[_KIND[table]], kind)
+    if name is not None:
+        mask &= _glob_mask(t[_NAME[table]], name)
+    if rank is not None:
+        mask &= np.isin(t["rank"], np.atleast_1d(np.asarray(rank, np.int64)))
+    if node is not None:
+        mask &= _glob_mask(t["node"], node)
+    if status is not None:
+        mask &= _glob_mask(t["status"], status)
+    if since is not None or until is not None:
+        origin = run.time_range()[0]
+        tcol = t[_TIME[table]]
+        if since is not None:
+            lo = to_ns(since, origin)
+            end = t["end"] if table == "tasks" else tcol
+            mask &= (end >= lo) | (end < 0)
+        if until is not None:
+            mask &= tcol <= to_ns(until, origin)
+    for term in where:
+        key, op, value = parse_term(term) if isinstance(term, str) else term
+        if key in t.dtype.names:
+            mask &= compare(t[key], op, value)
+        else:
+            mask &= _attribute_mask(run, t, table, key, op, value)
+    return t[mask]
+
+
+def _attribute_mask(run, t, table, key, op, value):
+    a = np.asarray(run.attributes())
+    a = a[a["key"] == key]
+    a = a[compare(a["value"], op, value, a["vtype"])]
+    if not len(a) or not len(t):
+        return np.zeros(len(t), bool)
+    kt, ka = pair_keys((t["rank"], t[_OWNER[table]]), (a["rank"], a["owner"]))
+    return np.isin(kt, ka)
+
+
+def attributes_of(run, rank: int, owner: int, role=None) -> dict:
+    """The attributes of one object as a dict (the last value of a key wins)."""
+    a = np.asarray(run.attributes())
+    sel = (a["rank"] == rank) & (a["owner"] == owner)
+    if role is not None:
+        sel &= a["role"] == role
+    rows = a[sel]
+    return dict(zip(rows["key"].tolist(), rows["value"].tolist()))
