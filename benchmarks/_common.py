@@ -135,3 +135,60 @@ def run(cmd: list, env: dict | None = None, cwd: str | None = None, timeout: flo
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
     return proc
+
+
+# ---------------------------------------------------------------------- one launch
+def launch(script: str, script_args: list, ranks: int, workdir: str, capture: bool = True,
+           nodes: int = 0, env: dict | None = None, timeout: float = 600) -> dict:
+    """Run one configuration: ``mpiexec -n ranks [provhpc run --] python script``.
+
+    ``nodes`` > 1 splits the ranks into simulated nodes (PROVHPC_SIMULATE_NODES),
+    each with its own aggregator and partition.  Returns the ``BENCH`` lines of
+    the ranks, the ``BENCH_AGG`` lines of the node leaders, the partitions'
+    figures and the wall time of the whole launch.  (One function per launch
+    so that other launchers -- srun, an emulated cluster -- can replace it.)
+    """
+    out = os.path.join(workdir, "prov")
+    cmd = [venv_bin("mpiexec"), "-n", str(ranks)]
+    if capture:
+        cmd += [venv_bin("provhpc"), "run", "--out", out, "--"]
+    cmd += [venv_bin("python"), os.path.join(ROOT, "benchmarks", script)] + list(script_args)
+    extra = {"PROVHPC_SIMULATE_NODES": nodes} if capture and nodes > 1 else {}
+    e = clean_env(**extra, **(env or {}))
+    t0 = time.perf_counter()
+    proc = run(cmd, env=e, cwd=workdir, timeout=timeout)
+    wall = time.perf_counter() - t0
+    text = proc.stdout
+    res = {"wall_s": wall, "ranks": parse_lines(text, "BENCH"),
+           "aggregators": parse_lines(text, "BENCH_AGG")}
+    if capture:
+        res["partitions"] = partition_figures(out)
+    return res
+
+
+def parse_lines(text: str, tag: str) -> list:
+    import re
+
+    return [json.loads(m.group(1)) for m in re.finditer(tag + r" (\{[^{}]*\})", text)]
+
+
+def partition_figures(out: str) -> dict:
+    """Records, drops, bytes and completeness of every partition under ``out``."""
+    import glob
+
+    import h5py
+
+    figs = {"records": 0, "dropped": 0, "bytes": 0, "partitions": 0, "complete": 0,
+            "per_rank_records": {}}
+    for path in glob.glob(os.path.join(out, "*", "*.h5")):
+        if os.path.islink(os.path.dirname(path)):  # the `latest` link
+            continue
+        with h5py.File(path, "r", locking=False) as f:
+            figs["partitions"] += 1
+            figs["complete"] += bool(f.attrs.get("complete", False))
+            figs["records"] += f["records"].shape[0]
+            figs["dropped"] += int(f["drops"]["count"].sum()) if f["drops"].shape[0] else 0
+            for row in f["ranks"][:]:
+                figs["per_rank_records"][int(row["rank"])] = int(row["records"])
+        figs["bytes"] += os.path.getsize(path)
+    return figs
