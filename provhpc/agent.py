@@ -14,6 +14,8 @@ import itertools
 import logging
 import os
 import socket as _socket
+import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -44,6 +46,11 @@ from .segment import DROP_REASONS, FILLING, FREE, SEALED, Segment
 log = logging.getLogger("provhpc.agent")
 
 BACKPRESSURE, NO_AGGREGATOR, AFTER_SHUTDOWN, ENCODE = range(4)
+
+
+_GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
+_get_ident = threading.get_ident
+_PACKERS: dict = {}  # n -> pack_into of n consecutive records
 
 
 class Dropped(Exception):
@@ -79,6 +86,12 @@ class Agent:
         self._slot_freed = threading.Condition(self._lock)
         self._free = deque(range(lay.slots))
         self._slot, self._base, self._off, self._end = -1, 0, 0, 0
+        # The owner thread (the one that started the agent) writes without the lock
+        # while ``_off < fast_end``; every locked section first sets fast_end = 0 and
+        # waits for ``_busy`` (owner mid-write) to clear.  Safe under the GIL only.
+        self._owner = threading.get_ident() if _GIL else None
+        self._busy = False
+        self.fast_end = 0
         self._heap = 0
         self._opened = 0.0
         self._seq = 0
@@ -121,19 +134,101 @@ class Agent:
 
     def emit(self, kind, vtype, flags, oid, ref, t, name, sval, step, ival, fval) -> bool:
         """Write one record; ``name`` and ``sval`` are strings (or None)."""
-        hdr = header(kind, vtype, flags, self.rank)
-        self._acquire()
+        return self.write([(header(kind, vtype, flags, self.rank), oid, ref, t, name, sval, step,
+                            ival, fval)])
+
+    def write(self, rows) -> bool:
+        """Write rows ``(hdr, id, ref, t, name, sval, step, ival, fval)``; strings as str/None.
+
+        The owner thread writes without the lock when every string is already
+        interned and the rows fit in the current slot; otherwise, and in other
+        threads, under the lock.  False when the rows were dropped (counted).
+        """
+        if _get_ident() == self._owner:
+            strings = self._strings
+            self._busy = True
+            try:
+                off = self._off
+                if off + len(rows) * RECORD_SIZE <= self.fast_end:
+                    pack, mm = self._pack, self._mm
+                    for i, (hdr, oid, ref, t, name, sval, step, ival, fval) in enumerate(rows):
+                        nid = 0 if name is None else strings.get(name)
+                        sid = 0 if sval is None else strings.get(sval)
+                        if nid is None or sid is None:  # a new string: the locked path interns it
+                            rows = rows[i:]
+                            break
+                        pack(mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
+                        off += RECORD_SIZE
+                        self._off = off
+                    else:
+                        return True
+            finally:
+                self._busy = False
+        self._enter()
         try:
-            nid = 0 if name is None else self._sid(name)
-            sid = 0 if sval is None else self._sid(sval)
-            self._put(hdr, oid, ref, t, nid, sid, step, ival, fval)
+            sid_of, put = self._sid, self._put
+            for hdr, oid, ref, t, name, sval, step, ival, fval in rows:
+                put(hdr, oid, ref, t, 0 if name is None else sid_of(name),
+                    0 if sval is None else sid_of(sval), step, ival, fval)
         except Dropped:
-            self.seg.drops[BACKPRESSURE if self.mode in ("shm", "inline", "pending")
-                           else NO_AGGREGATOR] += 1
+            self.count_drop(len(rows))
             return False
         finally:
-            self._unlock()
+            self._leave()
         return True
+
+    def write_flat(self, flat: list, n: int) -> bool:
+        """Owner-thread fast path for ``n`` rows already resolved to ids, as one flat list.
+
+        One ``pack_into`` call for all rows (a cached n-record Struct).  False when
+        this is not the owner thread or the rows do not fit: use ``write`` then.
+        """
+        if _get_ident() != self._owner:
+            return False
+        self._busy = True
+        try:
+            off = self._off
+            end = off + n * RECORD_SIZE
+            if end > self.fast_end:
+                return False
+            pack = _PACKERS.get(n)
+            if pack is None:
+                pack = _PACKERS[n] = struct.Struct("<" + RECORD_HDR.format[1:] * n).pack_into
+            pack(self._mm, off, *flat)
+            self._off = end
+            return True
+        finally:
+            self._busy = False
+
+    def count_drop(self, n: int = 1) -> None:
+        """Count records that found no slot: backpressure, or no aggregator at all."""
+        self.seg.drops[BACKPRESSURE if self.mode in ("shm", "inline", "pending")
+                       else NO_AGGREGATOR] += n
+
+    # -- the lock protocol around the owner's fast path
+    def _enter(self) -> None:
+        self._acquire()
+        self.fast_end = 0
+        if self._busy:
+            self._await_owner()
+
+    def _leave(self) -> None:
+        self.fast_end = self._end
+        self._unlock()
+
+    def _reclaim(self) -> None:
+        """After a condition wait (the lock was released): close the fast path again."""
+        self.fast_end = 0
+        if self._busy:
+            self._await_owner()
+
+    def _await_owner(self) -> None:
+        if _get_ident() == self._owner:
+            self._busy = False  # the owner itself: its fast path ended by an exception
+            return
+        deadline = time.monotonic() + 1.0
+        while self._busy and time.monotonic() < deadline:
+            time.sleep(0)  # releases the GIL so the owner finishes its one write
 
     def encode(self, value):
         """(header, ival, fval, text) of an attribute value; outside the lock (repr may call us)."""
@@ -166,7 +261,7 @@ class Agent:
             data = data[: self.max_string].decode("utf-8", "ignore").encode()
             flags = F_TRUNCATED
         if self._off >= self._end or self._heap + len(data) > self._layout.heap:
-            if not self._rotate():
+            if not self._rotate(len(data)):
                 raise Dropped
         sid = self._next_sid()
         start = self._layout.heap_offset(self._slot) + self._heap
@@ -188,28 +283,36 @@ class Agent:
             self._drop(reason, n)
 
     # ------------------------------------------------------------------ slots
-    def _rotate(self) -> bool:
-        """Seal the current slot and open a free one (lock held).
+    def _rotate(self, heap_need: int = 0) -> bool:
+        """Make room for one record (and ``heap_need`` heap bytes) in the current slot.
 
-        Waits up to the backpressure timeout for a free slot; after one
-        timeout the agent is 'starved' and drops at once until a slot frees,
-        so a dead aggregator costs the training one timeout, not one per call.
+        Lock held.  Seals a full slot and opens a free one, waiting up to the
+        backpressure timeout; after one timeout the agent is 'starved' and drops
+        at once until a slot frees, so a dead aggregator costs the training one
+        timeout, not one per call.  While it waits another thread may have
+        opened a slot: it is used, never replaced.
         """
-        if self._slot >= 0:
-            if self._off == self._base and self._heap == 0:
-                return True
-            self._seal_locked()
-        if not self._free:
-            if self._starved or self._closing.is_set() and self.mode != "shm" \
-                    or self.mode in ("detached", "failed"):
+        deadline = None
+        while True:
+            if self._slot >= 0:
+                if self._off < self._end and self._heap + heap_need <= self._layout.heap:
+                    return True
+                self._seal_locked()
+            if self._free:
+                self._open_slot()
+                continue
+            if self._starved or self._closing.is_set() and self.mode != "shm":
                 return False
-            deadline = time.monotonic() + self.cfg.backpressure_timeout
-            while not self._free:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._slot_freed.wait(left):
-                    if not self._free:
-                        self._starved = True
-                        return False
+            if deadline is None:
+                deadline = time.monotonic() + self.cfg.backpressure_timeout
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._slot_freed.wait(left):
+                if not self._free and self._slot < 0:
+                    self._starved = True
+                    return False
+            self._reclaim()
+
+    def _open_slot(self) -> None:
         slot = self._free.popleft()
         self._seq += 1
         lay = self._layout
@@ -223,7 +326,14 @@ class Agent:
         self._base = self._off = lay.records_offset(slot)
         self._end = self._base + lay.slot_records * RECORD_SIZE
         self._opened = time.monotonic()
-        return True
+
+    def _seal_current(self) -> None:
+        self._enter()
+        try:
+            if self._has_data():
+                self._seal_locked()
+        finally:
+            self._leave()
 
     def _has_data(self) -> bool:
         return self._slot >= 0 and (self._off > self._base or self._heap > 0)
@@ -253,9 +363,7 @@ class Agent:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Hand the current slot over and wait until every sealed slot is acknowledged."""
-        with self._lock:
-            if self._has_data():
-                self._seal_locked()
+        self._seal_current()
         deadline = time.monotonic() + (self.cfg.shutdown_timeout if timeout is None else timeout)
         while time.monotonic() < deadline and self.mode == "shm" and self._thread.is_alive():
             with self._lock:
@@ -320,9 +428,7 @@ class Agent:
                     except zmq.Again:
                         break
             if self._slot >= 0 and time.monotonic() - self._opened >= age:
-                with self._lock:
-                    if self._has_data():
-                        self._seal_locked()
+                self._seal_current()
             self._send_outbox(sock)
             if self._closing.is_set() and not self._outbox:
                 self._goodbye(sock, poller)
@@ -388,10 +494,13 @@ class Agent:
         if self._closing.is_set():
             return self.farewell
         self.status, self.exit_code = status, exit_code
-        with self._lock:
+        self._enter()
+        try:
             if self._has_data():
                 self._seal_locked()
             self._closing.set()
+        finally:
+            self._leave()
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:

@@ -16,7 +16,7 @@ import os
 import time
 
 from . import records as R
-from .agent import BACKPRESSURE, Dropped
+from .agent import _get_ident
 
 _agent = None  # the process's Agent, set by provhpc.init()
 _fork_info = None  # in a forked child: what it needs to start its own agent lazily
@@ -54,17 +54,51 @@ def _items(values: dict) -> list:
     return out
 
 
-def _write_values(agent, owner: int, values: dict, role: int) -> None:
+def _value_rows(agent, owner: int, role: int, t: int, values: dict) -> list:
+    """Attribute rows for ``values`` (encoded here, outside any lock: repr may call us)."""
     enc = agent.encode
-    items = [(k, enc(v)) for k, v in _items(values)]
+    rows = []
+    for key, value in _items(values):
+        hdr, ival, fval, text = enc(value)
+        rows.append((hdr, owner, role, t, key, text, _NO_STEP, ival, fval))
+    return rows
+
+
+def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list) -> bool:
+    """Append resolved rows of plain values (float, int, bool, interned str) to ``flat``.
+
+    False when a key or string is new or a value needs the coercion rules:
+    the caller then takes the general path (``_value_rows`` + ``Agent.write``).
+    """
+    strings, h = agent._strings, agent.h_attr
+    for key, value in values.items():
+        kid = strings.get(key)
+        if kid is None:
+            return False
+        cls = value.__class__
+        if cls is float:
+            flat += (h[2], owner, role, t, kid, 0, _NO_STEP, 0, value)
+        elif cls is int and -(2**63) <= value < 2**63:
+            flat += (h[1], owner, role, t, kid, 0, _NO_STEP, value, 0.0)
+        elif cls is str:
+            sid = strings.get(value)
+            if sid is None:
+                return False
+            flat += (h[4], owner, role, t, kid, sid, _NO_STEP, 0, 0.0)
+        elif cls is bool:
+            flat += (h[3], owner, role, t, kid, 0, _NO_STEP, int(value), 0.0)
+        else:
+            return False
+    return True
+
+
+def _write_values(agent, owner: int, values: dict, role: int) -> None:
     t = _time_ns()
-    agent._acquire()
-    try:
-        agent.put_values(owner, role, t, items)
-    except Dropped:
-        agent.seg.drops[BACKPRESSURE] += 1
-    finally:
-        agent._unlock()
+    flat: list = []
+    if _flat_values(agent, owner, role, t, values, flat) and \
+            agent.write_flat(flat, len(flat) // 9):
+        return
+    agent.write(_value_rows(agent, owner, role, t, values))
 
 
 def _emit_value(agent, owner: int, key: str, value, role: int) -> None:
@@ -203,23 +237,21 @@ def metric(name: str, value, step=None) -> None:
         step = int(step)
     act = _current.get()
     t = _time_ns()
-    a._acquire()
-    try:
+    if _get_ident() == a._owner:  # the owner thread: no lock (see Agent.write)
         nid = a._strings.get(name)
-        if nid is None:
+        if nid is not None:
+            a._busy = True
+            try:
+                off = a._off
+                if off < a.fast_end:
+                    a._pack(a._mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
+                    a._off = off + 64
+                    return
+            finally:
+                a._busy = False
+        elif name.__class__ is not str or not name:
             _check_name(name, "metric name")
-            nid = a._define(name)
-        off = a._off
-        if off >= a._end:
-            if not a._rotate():
-                raise Dropped
-            off = a._off
-        a._pack(a._mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
-        a._off = off + 64
-    except Dropped:
-        a.seg.drops[BACKPRESSURE] += 1
-    finally:
-        a._unlock()
+    a.write([(a.h_metric, act, 0, t, name, None, step, 0, value)])
 
 
 def _metric_value(name, value) -> float:
@@ -283,22 +315,19 @@ class Activity:
             if agent is None:
                 self._token = False
                 return self
-        params = self.params
-        items = [(k, agent.encode(v)) for k, v in _items(params)] if params else None
         aid = self.id = agent.next_id()
         parent = self.parent = _current.get()
         t = _time_ns()
-        agent._acquire()
-        try:
-            sid_of = agent._sid
-            agent._put(agent.h_start, aid, parent, t, sid_of(self.name), sid_of(self.kind),
-                       self.index, 0, 0.0)
-            if items:
-                agent.put_values(aid, ROLE_PARAMETER, t, items)
-        except Dropped:
-            agent.seg.drops[BACKPRESSURE] += 1
-        finally:
-            agent._unlock()
+        params = self.params
+        strings = agent._strings
+        nid, kid = strings.get(self.name), strings.get(self.kind)
+        flat = [agent.h_start, aid, parent, t, nid, kid, self.index, 0, 0.0]
+        if nid is None or kid is None or params and not _flat_values(
+                agent, aid, ROLE_PARAMETER, t, params, flat) or \
+                not agent.write_flat(flat, len(flat) // 9):
+            rows = _value_rows(agent, aid, ROLE_PARAMETER, t, params) if params else []
+            agent.write([(agent.h_start, aid, parent, t, self.name, self.kind, self.index, 0,
+                          0.0), *rows])
         agent.open_activities[aid] = None
         if self.inputs:
             for e in self.inputs:
@@ -329,14 +358,9 @@ class Activity:
             etype = None
         code = R.STATUS_OK if status == "ok" else R.STATUS_ERROR
         t = _time_ns()
-        agent._acquire()
-        try:
-            agent._put(agent.h_end, self.id, 0, t, 0, 0 if etype is None else agent._sid(etype),
-                       _NO_STEP, code, 0.0)
-        except Dropped:
-            agent.seg.drops[BACKPRESSURE] += 1
-        finally:
-            agent._unlock()
+        if etype is not None or not agent.write_flat(
+                [agent.h_end, self.id, 0, t, 0, 0, _NO_STEP, code, 0.0], 1):
+            agent.write([(agent.h_end, self.id, 0, t, None, etype, _NO_STEP, code, 0.0)])
 
     def __enter__(self) -> Activity:
         return self.start()
