@@ -1,0 +1,162 @@
+"""Training overhead of capture: the data-parallel trainer in four variants.
+
+    .venv/bin/python benchmarks/overhead.py [--quick] [--ranks 4] [--nodes 1] [--reps 5]
+
+examples/train_mlp.py (numpy MLP, mpi4py Allreduce) runs under the venv's
+mpiexec, through benchmarks/_trainer.py, in each variant:
+
+  off       no capture: the provhpc API is a no-op (plain ``python``, no wrapper)
+  provhpc   ``provhpc run`` (agents + one aggregator process per (simulated) node)
+  jsonl     a per-rank JSONL file, one ``json.dumps`` line per record
+  flowcept  Flowcept offline (FlowceptTask per activity / metric point), if installed
+
+at three capture rates: ``epoch`` (metrics per epoch only), ``step`` (the
+loss every step) and ``stress`` (every step K metric points, K chosen from a
+calibration run so that a rank records >= --stress-rate records/s).  All
+(variant, rate) runs of a repetition are interleaved in shuffled order.
+
+Training time = the sum of the epochs (timed inside the trainer, capture
+included), the slowest rank; overhead = the median over repetitions of the
+*paired* difference against ``off`` of the same repetition, with its range.
+Also: end-to-end wall time, the aggregator's CPU time and peak RSS, and bytes
+written per record.  ``--step-sleep`` emulates accelerator time per step
+(the CPU waits, as it does on a GPU node); 0 makes the step pure CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+TARGET_STEP_PCT = 1.0
+
+
+def trainer_args(a, work: str) -> list:
+    return ["--epochs", str(a.epochs), "--traces", str(a.traces), "--batch", str(a.batch),
+            "--step-sleep", str(a.step_sleep), "--data", os.path.join(work, "data"),
+            "--checkpoint", os.path.join(work, "ckpt", "mlp.npz")]
+
+
+def one_run(a, variant: str, rate: str, fanout: int, scratch: str) -> dict:
+    work = tempfile.mkdtemp(dir=scratch)
+    log_every = "0" if rate == "epoch" else "1"
+    script_args = ["--variant", variant, "--fanout", str(fanout), "--out",
+                   os.path.join(work, "side"), "--", "--log-every", log_every]
+    script_args += trainer_args(a, work)
+    res = C.launch("_trainer.py", script_args, a.ranks, work, capture=variant == "provhpc",
+                   nodes=a.nodes, env={"FLOWCEPT_SETTINGS_PATH": os.path.join(work, "none.yaml")})
+    ranks = res["ranks"]
+    out = {"train_s": max(r["train_s"] for r in ranks), "wall_s": res["wall_s"],
+           "metric_points": max(r["metric_points"] for r in ranks)}
+    if variant == "provhpc":
+        p = res["partitions"]
+        out.update(records=p["records"], bytes=p["bytes"], dropped=p["dropped"],
+                   complete=p["complete"] == p["partitions"] == max(1, a.nodes),
+                   per_rank=max(p["per_rank_records"].values()),
+                   agg_cpu_s=sum(x["cpu_s"] for x in res["aggregators"]),
+                   agg_peak_rss=max([x["peak_rss"] for x in res["aggregators"]] or [0]))
+    else:
+        side = os.path.join(work, "side")
+        files = [os.path.join(side, f) for f in os.listdir(side)] if os.path.isdir(side) else []
+        out["bytes"] = sum(os.path.getsize(f) for f in files)
+        out["records"] = sum(r["records"] for r in ranks)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def calibrate(a, scratch: str) -> int:
+    """K metric points per step so that one rank records >= stress_rate records/s."""
+    r = one_run(a, "off", "step", 1, scratch)
+    steps = max(1, r["metric_points"] - 3 * a.epochs)
+    step_s = r["train_s"] / steps
+    return max(2, math.ceil(a.stress_rate * step_s * 1.1))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 repetitions, 2 epochs")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=1, help="simulated nodes (PROVHPC_SIMULATE_NODES)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--traces", type=int, default=2000, help="traces per raw file (data size)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--step-sleep", type=float, default=0.005,
+                    help="emulated accelerator seconds per step (default 0.005)")
+    ap.add_argument("--rates", default="epoch,step,stress")
+    ap.add_argument("--stress-rate", type=float, default=10_000, help="records/s/rank")
+    ap.add_argument("--variants", default="off,provhpc,jsonl,flowcept")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    a.reps = a.reps or (2 if a.quick else 5)
+    a.epochs = a.epochs or (2 if a.quick else 4)
+    variants = [v for v in a.variants.split(",") if v != "flowcept" or C.have("flowcept")]
+    notes = [] if "flowcept" in variants or "flowcept" not in a.variants else \
+        ["Flowcept not installed (pip install '.[bench]'): variant omitted"]
+    rates = a.rates.split(",")
+    scratch = tempfile.mkdtemp(prefix="provhpc-overhead-")
+    try:
+        fanout = {"epoch": 1, "step": 1}
+        if "stress" in rates:
+            fanout["stress"] = calibrate(a, scratch)
+        cases = {(v, r): (lambda v=v, r=r: one_run(a, v, r, fanout[r], scratch))
+                 for v in variants for r in rates}
+        t0 = time.monotonic()
+        samples = C.interleave(cases, a.reps)
+        elapsed = time.monotonic() - t0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report(a, variants, rates, fanout, samples, elapsed, notes)
+    return 0
+
+
+def report(a, variants, rates, fanout, samples, elapsed, notes):
+    print(f"# training overhead: {a.ranks} ranks, {max(1, a.nodes)} (simulated) node(s), "
+          f"{a.epochs} epochs, step sleep {a.step_sleep * 1e3:g} ms; median (range) of "
+          f"{a.reps} interleaved repetitions; {elapsed:.0f} s\n# {C.machine()}\n")
+    rows, doc = [], {"args": vars(a), "fanout": fanout, "machine": C.machine(), "runs": {}}
+    for r in rates:
+        base = [s["train_s"] for s in samples[("off", r)]]
+        for v in variants:
+            ss = samples[(v, r)]
+            t = [s["train_s"] for s in ss]
+            paired = [100 * (x - b) / b for x, b in zip(t, base)]
+            rec = C.med([s.get("records", 0) for s in ss])
+            per_rank_rate = (C.med([s.get("per_rank", 0) for s in ss]) / C.med(t)
+                             if v == "provhpc" else C.med([s["metric_points"] for s in ss])
+                             / C.med(t))
+            pct = "-" if v == "off" else f"{C.med(paired):+.1f} ({C.fmt_range(paired, '{:+.1f}')})"
+            agg = (f"{C.med([s['agg_cpu_s'] for s in ss]):.2f} / "
+                   f"{max(s['agg_peak_rss'] for s in ss) / 2**20:.0f}") if v == "provhpc" else "-"
+            bpr = f"{C.med([s['bytes'] / s['records'] for s in ss if s.get('records')]):.0f}" \
+                if v != "off" and rec else "-"
+            target = ""
+            if r == "step" and v == "provhpc":
+                target = C.verdict(C.med(paired) < TARGET_STEP_PCT)
+            rows.append([r + (f" (K={fanout[r]})" if r == "stress" else ""), v,
+                         f"{C.med(t):.3f} ({C.fmt_range(t, '{:.3f}')})", pct,
+                         f"{per_rank_rate:,.0f}", f"{C.med([s['wall_s'] for s in ss]):.2f}",
+                         agg, bpr, target])
+            doc["runs"][f"{v}/{r}"] = {"samples": ss, "overhead_pct_paired": paired}
+    print(C.table(["rate", "variant", "train s", "overhead %", "rec/s/rank*", "wall s",
+                   "agg CPU s / peak MiB", "B/record", "< 1% at step"], rows))
+    print("\n* provhpc: records stored per rank / training time; others: metric points per "
+          "rank / training time.\nwall s: the whole launch (interpreter, MPI and, for provhpc, "
+          "aggregator start and close).\nB/record: provhpc = partition bytes / records "
+          "(uncompressed, 64-byte rows + strings + tables); jsonl/flowcept = file bytes / "
+          "records.")
+    for n in notes:
+        print("note:", n)
+    C.dump_json(a.json, doc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
