@@ -1,0 +1,208 @@
+"""provhpc.torch: hooks, batched reads, model/world entities, checkpoints."""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the optional extra; `make test` installs torch
+
+import provhpc  # noqa: E402
+import provhpc.torch as ptorch  # noqa: E402
+from provhpc import records as R  # noqa: E402
+from provhpc.api import file_hash  # noqa: E402
+from provhpc.testing import capture  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def _train(model, opt, w, epochs=2, steps=5, sched=None):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    losses = []
+    for e in range(epochs):
+        with w.epoch(e):
+            for b in range(steps):
+                loss = torch.nn.functional.cross_entropy(model(x[b * 6:b * 6 + 6]),
+                                                         y[b * 6:b * 6 + 6])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss)
+                losses.append(loss.detach().clone())
+        if sched is not None:
+            sched.step()
+    return [v.item() for v in losses]
+
+
+class View:
+    """The records of a capture, by kind, with strings resolved."""
+
+    def __init__(self, cap):
+        self.recs = cap.records()
+        self.s = cap.run.partitions[0].strings
+
+    def of(self, kind):
+        return [r for r in self.recs if r["kind"] == kind]
+
+    def entity(self, kind):
+        (e,) = [r for r in self.of(R.ENTITY) if self.s[r["sval"]] == kind]
+        return e
+
+    def attrs(self, oid):
+        out = {}
+        for r in self.of(R.ATTRIBUTE):
+            if r["id"] == oid:
+                v = {R.V_INT: int(r["ival"]), R.V_FLOAT: float(r["fval"]),
+                     R.V_BOOL: bool(r["ival"]), R.V_STR: self.s[r["sval"]]}.get(int(r["vtype"]))
+                out[self.s[r["name"]]] = v
+        return out
+
+    def metrics(self, name):
+        return [(int(r["step"]), float(r["fval"]), int(r["id"])) for r in self.of(R.METRIC)
+                if self.s[r["name"]] == name]
+
+    def relations(self, name):
+        return {(int(r["id"]), int(r["ref"])) for r in self.of(R.RELATION)
+                if self.s[r["name"]] == name}
+
+
+def test_watch_records_training(tmp_path):
+    ckpt_path = tmp_path / "ck.pt"
+    with capture(tmp_path, telemetry_interval=0) as cap:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        data = provhpc.data("blobs.pt", kind="dataset")
+        hp = provhpc.hyperparameters(lr=0.1, batch=6)
+        w = ptorch.watch(model, opt, data=[data], hyperparameters=hp, every=4)
+        losses = _train(model, opt, w, sched=sched)
+        ckpt = ptorch.save(model.state_dict(), ckpt_path, note="final")
+        w.close()
+    v = View(cap)
+    # per step: the exact values, steps 0..9, attached to their epoch activity
+    steps = v.metrics("loss")
+    assert [s for s, _, _ in steps] == list(range(10))
+    assert [x for _, x, _ in steps] == losses
+    epochs = {int(r["step"]): int(r["id"]) for r in v.of(R.ACTIVITY_START)
+              if v.s[r["sval"]] == "epoch"}
+    assert sorted(epochs) == [0, 1]
+    assert {a for _, _, a in steps[:5]} == {epochs[0]} and {a for _, _, a in steps[5:]} == \
+        {epochs[1]}
+    # per epoch: means, samples, learning rate (halved by the scheduler after epoch 0)
+    assert v.metrics("epoch_loss") == [(0, pytest.approx(sum(losses[:5]) / 5), epochs[0]),
+                                       (1, pytest.approx(sum(losses[5:]) / 5), epochs[1])]
+    assert [x for _, x, _ in v.metrics("samples")] == [30.0, 30.0]
+    assert [x for _, x, _ in v.metrics("lr") if True][-1] == 0.05
+    assert (1, 0.1) in [(s, x) for s, x, _ in v.metrics("lr")]  # seen by the step hook
+    assert (6, 0.05) in [(s, x) for s, x, _ in v.metrics("lr")]  # the change, at its step
+    # the model entity
+    m = v.entity("model")
+    attrs = v.attrs(int(m["id"]))
+    assert attrs["parameters"] == sum(p.numel() for p in model.parameters()) == 4 * 8 + 8 + 8 * 3 + 3
+    assert attrs["trainable_parameters"] == attrs["parameters"]
+    assert attrs["layers"] == 3 and attrs["dtype"] == "float32" and attrs["device"] == "cpu"
+    assert attrs["layer.0"] == "Linear params=40" and attrs["layer.1"] == "ReLU params=0"
+    assert attrs["class"] == "torch.nn.modules.container.Sequential"
+    assert "Linear(in_features=4" in attrs["architecture"]
+    assert attrs["optimizer"] == "SGD" and attrs["optimizer.momentum"] == 0.5
+    world = v.attrs(int(v.entity("distributed")["id"]))
+    assert world["world_size"] == 1 and world["backend"] == "none" and world["device"] == "cpu"
+    # the checkpoint: hash, derivation from data, hyperparameters and model, generated by a task
+    c = v.entity("checkpoint")
+    assert int(c["id"]) == ckpt.id and v.s[c["name"]] == str(ckpt_path)
+    cattrs = v.attrs(ckpt.id)
+    assert cattrs["hash"] == file_hash(ckpt_path) and cattrs["size"] == os.path.getsize(ckpt_path)
+    assert cattrs["note"] == "final" and cattrs["step"] == 10
+    derived = v.relations(R.WAS_DERIVED_FROM)
+    assert {(ckpt.id, data.id), (ckpt.id, hp.id), (ckpt.id, int(m["id"]))} <= derived
+    (task,) = [int(r["id"]) for r in v.of(R.ACTIVITY_START) if v.s[r["name"]] == "save_checkpoint"]
+    assert (ckpt.id, task) in v.relations(R.WAS_GENERATED_BY)
+    assert torch.load(ckpt_path)["0.weight"].shape == (8, 4)
+    assert not model._forward_pre_hooks  # close() removed the hooks
+
+
+def test_no_device_read_on_the_hot_path(tmp_path, monkeypatch):
+    """log() keeps tensors; reads happen in batches: one stack().tolist() per flush."""
+    calls = {"item": 0, "cpu": 0, "__float__": 0, "tolist": 0}
+    for name in calls:
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with capture(tmp_path, telemetry_interval=0) as cap:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        w = ptorch.watch(model, opt, every=8)
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        with w.epoch(0):
+            for _ in range(21):  # 1 lr + 42 values: flushes at 9, 17, .., 41; 2 left
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                w.log(loss=loss, acc=(model(x).argmax(1) == y).float().mean())
+                assert all(p[4].__class__ is float or isinstance(p[4], torch.Tensor)
+                           for p in w._pending)
+                assert len(w._pending) < 8
+            assert calls == {"item": 0, "cpu": 0, "__float__": 0, "tolist": 5}
+        assert calls["tolist"] == 6  # the epoch end read the rest in one batch
+        w.close()
+    assert len(View(cap).metrics("acc")) == 21
+
+
+def test_without_capture_nothing_is_hooked(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = ptorch.watch(model, opt)
+    assert not w.enabled and not model._forward_pre_hooks
+    _train(model, opt, w, epochs=1, steps=2)
+    assert w._pending == [] and w.step == 0
+    e = ptorch.save(model.state_dict(), tmp_path / "m.pt")
+    assert e.id == 0 and (tmp_path / "m.pt").exists()
+    w.close()
+
+
+def test_misuse_raises_where_written(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="every"):
+        ptorch.watch(model, every=0)
+    with capture(tmp_path, telemetry_interval=0):
+        w = ptorch.watch(model)
+        with pytest.raises(ValueError, match="'loss'"):
+            w.log(loss="high")
+        with pytest.raises(ValueError, match="data"):
+            ptorch.watch(model, data=[object()])
+        w.close()
+
+
+def test_ddp_world_and_wrapped_model(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        with capture(tmp_path, telemetry_interval=0) as cap:
+            model = _model()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            w = ptorch.watch(ddp, opt)
+            _train(ddp, opt, w, epochs=1, steps=3)
+            w.close()
+    finally:
+        dist.destroy_process_group()
+    v = View(cap)
+    world = v.attrs(int(v.entity("distributed")["id"]))
+    assert (world["world_size"], world["rank"], world["backend"]) == (1, 0, "gloo")
+    assert world["local_rank"] == 0
+    attrs = v.attrs(int(v.entity("model")["id"]))
+    assert attrs["wrapper"] == "DistributedDataParallel" and attrs["layers"] == 3
+    assert attrs["class"].endswith("Sequential")
+    assert [x for _, x, _ in v.metrics("samples")] == [18.0]
+    assert len(v.metrics("loss")) == 3
