@@ -110,16 +110,20 @@ def rendezvous(cfg, run_id: str, node: str) -> tuple[str, str]:
     """The aggregator's endpoint and ready file for (run, node); the dir is owner-only."""
     base = runtime_base(cfg)
     d = os.path.join(base, run_id)
+    ready = os.path.join(d, f"{node}.ready")
     sock = os.path.join(d, f"{node}.sock")
-    if len(sock) > 100:  # the limit of an ipc:// path
-        d = os.path.join(base, hashlib.sha1(run_id.encode()).hexdigest()[:16])
-        sock = os.path.join(d, hashlib.sha1(node.encode()).hexdigest()[:16] + ".sock")
-    for p in (base, d):
+    dirs = [base, d]
+    if len(sock) > 100:  # the limit of an ipc:// path: a short hashed name, /tmp if need be
+        key = hashlib.sha1(f"{run_id}\0{node}".encode()).hexdigest()[:20]
+        short = base if len(base) < 70 else f"/tmp/provhpc-{os.getuid()}"
+        sock = os.path.join(short, f"{key}.sock")
+        dirs.append(short)
+    for p in dirs:
         os.makedirs(p, mode=0o700, exist_ok=True)
         st = os.stat(p)
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise PermissionError(f"provhpc: {p} must be owned by you with mode 0700")
-    return "ipc://" + sock, sock[: -len(".sock")] + ".ready"
+    return "ipc://" + sock, ready
 
 
 def clean_env(environ=None) -> dict:
@@ -143,11 +147,19 @@ def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
 
 
 def wait_ready(ready: str, timeout: float, proc=None) -> bool:
+    """Wait for the node's aggregator; a leader whose spawn died marks ``<ready>.failed``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if os.path.exists(ready):
             return True
+        if os.path.exists(ready + ".failed"):
+            return False
         if proc is not None and proc.poll() is not None:
+            try:
+                with open(os.open(ready + ".failed", os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+                    fh.write(f"aggregator exited with {proc.returncode}\n")
+            except OSError:
+                pass
             return False
         time.sleep(0.01)
     return False
