@@ -32,6 +32,7 @@ from .records import (
     METRIC,
     NO_STEP,
     RECORD_HDR,
+    STATUS_ERROR,
     RECORD_SIZE,
     RELATION,
     STRING,
@@ -486,6 +487,14 @@ class Agent:
                         self.cfg.shutdown_timeout, self.seg.path)
 
     # ------------------------------------------------------------------ lifecycle
+    def end_open_activities(self, keep: int = 0) -> None:
+        """End every activity the program left open (innermost first) as 'unfinished' errors."""
+        for aid in list(self.open_activities)[::-1]:
+            if aid != keep:
+                self.emit(ACTIVITY_END, 0, 0, aid, 0, time.time_ns(), None, "unfinished",
+                          NO_STEP, STATUS_ERROR, 0.0)
+                del self.open_activities[aid]
+
     def wait_ready(self, timeout: float) -> bool:
         return self._welcomed.wait(timeout) and self.mode in ("shm", "inline")
 

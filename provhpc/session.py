@@ -264,12 +264,7 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
         return True
     s.closed = True
     agent = s.agent
-    for aid in list(agent.open_activities)[::-1]:
-        if s.run_activity is not None and aid == s.run_activity.id:
-            continue
-        agent.emit(R.ACTIVITY_END, 0, 0, aid, 0, time.time_ns(), None, "unfinished",
-                   R.NO_STEP, R.STATUS_ERROR, 0.0)
-    agent.open_activities.clear()
+    agent.end_open_activities(keep=s.run_activity.id if s.run_activity is not None else 0)
     if s.run_activity is not None:
         try:
             s.run_activity.end("ok" if status == "ok" else "error", error)

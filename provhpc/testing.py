@@ -92,6 +92,7 @@ def capture(tmp_path, rank: int = 0, node: str = "testnode", run_id: str | None 
         yield cap
     finally:
         api._agent = previous
+        agent.end_open_activities()
         agent.shutdown()
         thread.join(15)
         cap.close()
