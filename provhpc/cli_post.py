@@ -26,7 +26,7 @@ _HIDE = {"run"}
 def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist() if obj.dtype.names is None else \
-            [dict(zip(obj.dtype.names, (_jsonable(v) for v in row.tolist()))) for row in obj]
+            [dict(zip(obj.dtype.names, row)) for row in obj.tolist()]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, float) and obj != obj:

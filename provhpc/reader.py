@@ -10,6 +10,7 @@ import json
 import os
 from functools import cached_property
 
+import h5py
 import numpy as np
 
 from . import records as R
@@ -19,6 +20,18 @@ from .partition import open_partition
 
 class PartitionError(OSError):
     """A partition file is missing, truncated or not a provhpc partition."""
+
+
+def _open_file(path: str):
+    """A closed partition opens plainly (a truncated file fails fast, naming its EOF);
+    one still written, or left open by a killed writer, opens through SWMR."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        text = str(exc)
+        if "truncated" in text or "signature" in text.lower():
+            raise PartitionError(f"{path}: cannot open partition ({text})") from exc
+        return open_partition(path)
 
 
 class Partition:
@@ -31,7 +44,7 @@ class Partition:
         if not os.path.exists(path):
             raise PartitionError(f"{path}: partition file is missing")
         try:
-            self.f = open_partition(path)
+            self.f = _open_file(path)
             if self.f.attrs.get("format") != "provhpc-partition":
                 raise PartitionError(f"{path}: not a provhpc partition")
             for name in ("records", "strings", "string_heap", "ranks"):
@@ -311,7 +324,9 @@ class Run:
             "ranks": sorted({r["rank"] for r in ranks if r["role"] == "rank"}),
             "world_size": meta.get("world_size"),
             "config": config, "config_sources": m.get("config_sources", {}),
-            "versions": {k: meta[k] for k in version_keys if k in meta},
+            "versions": {**{k: meta[k] for k in version_keys if k in meta},
+                         **({"writer": self.partitions[0].attrs.get("writer", "")}
+                            if self.partitions else {})},
             "dropped_by_reason": _drop_reasons(self.drops()),
             "partition_errors": dict(self.errors),
         }

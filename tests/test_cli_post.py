@@ -1,0 +1,114 @@
+"""The post-processing CLI verbs, in-process and on a real mpiexec demo run."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from _post_runs import build_run
+
+from provhpc.cli import main
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    build_run(d, "run-1", lr=0.02, fail_rank=1)
+    build_run(d, "run-2", lr=0.08)
+    return d
+
+
+def _json(capsys, argv, rc=0):
+    assert main(argv + ["--json"]) == rc
+    return json.loads(capsys.readouterr().out)
+
+
+def test_ls_and_query_tables(out, capsys):
+    runs = _json(capsys, ["ls", str(out)])
+    assert [r["run_id"] for r in runs] == ["run-1", "run-2"] and runs[0]["records"] > 0
+    res = _json(capsys, ["query", str(out / "run-1"), "tasks", "--kind", "epoch", "--rank",
+                         "1", "--where", "duration_s>=0"])
+    assert res["count"] == 3 and {r["rank"] for r in res["rows"]} == {1}
+    ent = _json(capsys, ["query", str(out / "run-1"), "entities", "--where", "lr<0.05"])
+    assert {r["kind"] for r in ent["rows"]} == {"hyperparameters"}
+
+
+def test_query_questions(out, capsys):
+    run = str(out / "run-1")
+    prod = _json(capsys, ["query", run, "produced", "model-0.02.npy"])
+    assert prod["hyperparameters"][0]["values"]["lr"] == 0.02
+    der = _json(capsys, ["query", run, "derivation", "model-0.02.npy"])
+    assert any(c and c[-1]["to"].endswith("raw.npy") for c in der["chains"])
+    assert len(_json(capsys, ["query", run, "epochs", "--metric", "val_accuracy"])) == 6
+    best = _json(capsys, ["query", str(out), "best", "--metric", "val_accuracy"])
+    assert [b["run"] for b in best] == ["run-2", "run-1"]
+    fails = _json(capsys, ["query", run, "failures"])
+    assert fails[0]["exception"] == "RuntimeError" and fails[0]["node"] == "node-b"
+    assert _json(capsys, ["query", run, "stages"])
+    assert _json(capsys, ["query", run, "capture"])["records"] > 0
+    assert main(["query", run, "stragglers"]) == 0
+    assert main(["query", run, "lagging"]) == 0
+    capsys.readouterr()
+
+
+def test_lineage_export_report_merge(out, capsys, tmp_path):
+    lin = _json(capsys, ["lineage", str(out), "model-0.08.npy"])
+    acts = [n for n in lin["nodes"] if n["type"] == "activity"]
+    assert acts and {n["run"] for n in acts} == {"run-2"}
+    # the raw file (same path and content in both runs) is one shared entity
+    raw = [n for n in lin["nodes"] if n["name"].endswith("raw.npy")]
+    assert len(raw) == 1
+    assert main(["export", str(out / "run-2"), "--format", "prov-json", "-o",
+                 str(tmp_path / "d.json")]) == 0
+    assert json.load(open(tmp_path / "d.json"))["activity"]
+    assert main(["report", str(out / "run-2"), "-o", str(tmp_path / "rep")]) == 0
+    assert os.path.exists(tmp_path / "rep" / "timeline.png")
+    res = _json(capsys, ["merge", str(out), "--out", str(tmp_path / "m")])
+    assert [r["run_id"] for r in res["runs"]] == ["run-1", "run-2"]
+    capsys.readouterr()
+
+
+def test_help_for_every_verb(capsys):
+    for verb in ("ls", "query", "lineage", "export", "report", "recover", "merge"):
+        with pytest.raises(SystemExit) as exc:
+            main([verb, "--help"])
+        assert exc.value.code == 0
+        assert "--json" in capsys.readouterr().out
+
+
+def test_corrupt_partition_exit_status(tmp_path, capsys):
+    d = build_run(tmp_path, "run-bad")
+    bad = os.path.join(d, "node-b.h5")
+    with open(bad, "r+b") as fh:
+        fh.truncate(100)
+    assert main(["query", d, "tasks", "--json"]) == 1
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert res["partition_errors"] and bad in res["partition_errors"]
+    assert {r["node"] for r in res["rows"]} == {"node-a"}
+    assert bad in cap.err
+
+
+def test_demo_under_mpiexec(tmp_path, venv_bin, clean_env):
+    """The real pipeline: 2 ranks of the example, then the CLI questions on its output."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [os.path.join(venv_bin, "mpiexec"), "-n", "2", os.path.join(venv_bin, "provhpc"),
+           "run", "--out", "prov", "--", os.path.join(venv_bin, "python"),
+           os.path.join(root, "examples", "train_mlp.py"), "--epochs", "2", "--files", "2",
+           "--traces", "60", "--samples", "128"]
+    subprocess.run(cmd, cwd=tmp_path, env=clean_env, check=True, timeout=120,
+                   capture_output=True)
+    provhpc = os.path.join(venv_bin, "provhpc")
+
+    def q(*args):
+        p = subprocess.run([provhpc, *args, "--json"], cwd=tmp_path, env=clean_env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    prod = q("query", "prov", "produced", "checkpoints/mlp.npz")
+    assert prod["hyperparameters"][0]["values"]["epochs"] == 2
+    assert {d["kind"] for d in prod["data"]} >= {"raw", "dataset", "shard"}
+    em = q("query", "prov", "epochs", "--metric", "val_accuracy")
+    assert sorted({(r["rank"], r["epoch"]) for r in em}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert q("query", "prov", "metadata")["launcher"] in ("hydra", "pmi", "mpich")
