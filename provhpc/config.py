@@ -153,6 +153,15 @@ def load(environ=None, **overrides) -> Config:
     return Config(**values, sources=sources)
 
 
+def markdown_table() -> str:
+    """The settings table of the README (tests/test_docs.py keeps the two in step)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for var, default, _parse, help_ in SETTINGS.values():
+        shown = _env_text(default) if default != "" else "(empty)"
+        rows.append(f"| `{var}` | `{shown}` | {help_} |")
+    return "\n".join(rows)
+
+
 def to_environ(cfg: Config) -> dict:
     """The environment that carries ``cfg`` to a child process."""
     return {SETTINGS[k][0]: _env_text(v) for k, v in cfg.to_dict().items()}
