@@ -60,9 +60,11 @@ def test_lineage_export_report_merge(out, capsys, tmp_path):
     assert len(raw) == 1
     assert main(["export", str(out / "run-2"), "--format", "prov-json", "-o",
                  str(tmp_path / "d.json")]) == 0
-    assert json.load(open(tmp_path / "d.json"))["activity"]
+    with open(tmp_path / "d.json") as fh:
+        assert json.load(fh)["activity"]
     assert main(["report", str(out / "run-2"), "-o", str(tmp_path / "rep")]) == 0
     assert os.path.exists(tmp_path / "rep" / "timeline.png")
+    capsys.readouterr()
     res = _json(capsys, ["merge", str(out), "--out", str(tmp_path / "m")])
     assert [r["run_id"] for r in res["runs"]] == ["run-1", "run-2"]
     capsys.readouterr()
