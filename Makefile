@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	rm -rf provenance/demo-*
-	cd examples && ../$(BIN)/mpiexec -n $(NP) ../$(BIN)/provhpc run --out ../provenance -- ../$(BIN)/python train_mlp.py --epochs 3
+	$(BIN)/mpiexec -n $(NP) $(BIN)/provhpc run --out provenance -- $(BIN)/python examples/train_mlp.py --epochs 3
 	$(BIN)/provhpc summary provenance
 
 test: venv
@@ -42,4 +41,4 @@ bench: venv
 	$(BIN)/python benchmarks/capture_cost.py
 
 clean:
-	rm -rf provenance examples/provenance examples/data examples/checkpoints build *.egg-info
+	rm -rf provenance data checkpoints build *.egg-info

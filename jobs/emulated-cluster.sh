@@ -80,7 +80,8 @@ wait_gone() {
 }
 
 # stop_daemons: TERM slurmctld and munged (from our pid files) together,
-# up to 10 s grace, then KILL.
+# up to 3 s grace, then KILL. slurmctld waits up to ~8 s for RPCs to nodes
+# that are already gone; its state is not needed (start uses -c).
 stop_daemons() {
   local name pid pids=()
   for name in slurmctld munged; do
@@ -90,8 +91,8 @@ stop_daemons() {
     fi
   done
   for pid in "${pids[@]}"; do
-    if ! wait_gone "$pid" 10; then
-      log "pid $pid ignored TERM, killing"
+    if ! wait_gone "$pid" 3; then
+      log "pid $pid still running after TERM, killing"
       kill -KILL "$pid" 2>/dev/null || true
       wait_gone "$pid" 5 || true
     fi
@@ -208,6 +209,9 @@ SlurmdTimeout=10
 MessageTimeout=5
 KillWait=5
 InactiveLimit=0
+# A batch job hit by a node failure must end (NODE_FAIL), not be requeued and
+# sit pending forever on a node that never comes back.
+JobRequeue=0
 MinJobAge=300
 UnkillableStepTimeout=30
 AccountingStorageType=accounting_storage/none
@@ -274,7 +278,7 @@ start_node() {
   # --kill-child: if unshare itself is killed, the node goes too.
   setsid unshare --net --uts --ipc --mount --propagation private --pid --fork --mount-proc \
     --kill-child bash -c 'trap "exit 0" TERM; while :; do sleep infinity & wait $!; done' \
-    </dev/null >/dev/null 2>&1 &
+    </dev/null >/dev/null 2>&1 9>&- &
   upid=$!
   echo "$upid" >"$d/unshare.pid"
   init=""
@@ -304,7 +308,7 @@ start_node() {
   # slurmd daemonises inside the node's PID namespace; its pid file holds the
   # in-namespace pid, so we never use it -- the holder is what we stop.
   nsenter -t "$init" --net --uts --ipc --mount --pid -- \
-    slurmd -f "$CONF" -N "node$k" </dev/null >/dev/null 2>&1 ||
+    slurmd -f "$CONF" -N "node$k" </dev/null >/dev/null 2>&1 9>&- ||
     die "node$k: slurmd failed, see $STATE_DIR/log/slurmd-node$k.log"
 }
 
@@ -341,7 +345,7 @@ start_munged() {
   # file system (path-based unix sockets work across network namespaces).
   munged --force --socket="$STATE_DIR/munge.sock" --key-file="$STATE_DIR/munge.key" \
     --pid-file="$STATE_DIR/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
-    --seed-file="$STATE_DIR/munged.seed" || die "munged failed, see $STATE_DIR/log/munged.log"
+    --seed-file="$STATE_DIR/munged.seed" 9>&- || die "munged failed, see $STATE_DIR/log/munged.log"
 }
 
 start_slurmctld() {
@@ -349,12 +353,12 @@ start_slurmctld() {
   # slurmctld only runs where gethostname() matches SlurmctldHost: give it a
   # UTS namespace named mnctl. It daemonises; its pid file is valid here (same
   # PID namespace). -c: start with an empty job table.
-  unshare --uts bash -c "hostname $CTL_HOST && exec slurmctld -c -f '$CONF'" </dev/null ||
+  unshare --uts bash -c "hostname $CTL_HOST && exec slurmctld -c -f '$CONF'" </dev/null 9>&- ||
     die "slurmctld failed, see $STATE_DIR/log/slurmctld.log"
 }
 
 sinfo_idle_count() {
-  SLURM_CONF="$CONF" timeout 10 sinfo -h -N -t idle,mix,alloc -o '%N' 2>/dev/null | sort -u | wc -l
+  SLURM_CONF="$CONF" timeout 10 sinfo -h -N -t idle,mix,alloc,comp -o '%N' 2>/dev/null | sort -u | wc -l
 }
 
 all_running() {
@@ -381,10 +385,12 @@ cmd_start() {
       print_env
       return 0
     fi
-    log "running with $(node_count) nodes (or unhealthy); restarting with $n"
   fi
-  # Anything half-started (crashed node, dead controller) is torn down first.
-  cmd_stop 2>/dev/null
+  # Anything left (other N, a lost node, a dead controller) is torn down first.
+  if [[ -e "$STATE_DIR/nodes.count" ]] && (($(node_count) > 0)); then
+    log "restarting: was $(node_count) nodes, not all healthy or a different N"
+    cmd_stop 2>/dev/null
+  fi
   write_config "$n"
   echo "$n" >"$STATE_DIR/nodes.count"
   setup_bridge
@@ -414,6 +420,7 @@ cmd_stop() {
   stop_daemons
   rm -f "$STATE_DIR/munge.sock"
   teardown_network
+  rm -f "$STATE_DIR/nodes.count"
   log "stopped"
 }
 
@@ -460,12 +467,21 @@ cmd_exec() {
   exec nsenter -t "$pid" --net --uts --ipc --mount --pid --wd="$PWD" -- "$@"
 }
 
+# Serialise start/stop: parallel test workers may call them at once.
+# The lock file sits beside the state dir (which stop may leave or remove).
+# Daemons and holders are started with `9>&-` so they do not inherit (and
+# hold) the lock.
+take_lock() {
+  exec 9>>"${STATE_DIR%/}.lock"
+  flock -w 120 9 || die "another start/stop holds ${STATE_DIR%/}.lock"
+}
+
 main() {
   local cmd="${1:-}"
   shift || true
   case "$cmd" in
-    start) cmd_start "$@" ;;
-    stop) cmd_stop ;;
+    start) take_lock; cmd_start "$@" ;;
+    stop) take_lock; cmd_stop ;;
     status) cmd_status ;;
     env) print_env ;;
     holder-pid) cmd_holder_pid "$@" ;;

@@ -43,29 +43,34 @@ pid_of() {
   echo "$pid"
 }
 
-# stop_pidfile NAME COMM: TERM, wait up to 10 s, then KILL.
-stop_pidfile() {
-  local name="$1" comm="$2" pid i
-  if pid="$(pid_of "$name" "$comm")"; then
-    kill -TERM "$pid" 2>/dev/null || true
+# stop_daemons NAME...: TERM all of them at once (each takes ~2 s to exit,
+# so in parallel rather than in turn), wait up to 10 s, then KILL.
+stop_daemons() {
+  local name pid i pids=()
+  for name in "$@"; do
+    if pid="$(pid_of "$name" "$name")"; then
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  for pid in "${pids[@]}"; do
     for ((i = 0; i < 100; i++)); do
       [[ -d "/proc/$pid" ]] || break
       sleep 0.1
     done
     if [[ -d "/proc/$pid" ]]; then
-      log "$comm ($pid) ignored TERM, killing"
+      log "pid $pid still running after TERM, killing"
       kill -KILL "$pid" 2>/dev/null || true
     fi
-  fi
-  rm -f "$STATE_DIR/$name.pid"
+  done
+  for name in "$@"; do rm -f "$STATE_DIR/$name.pid"; done
 }
 
 # --- installation --------------------------------------------------------------
 
 need_packages() {
   local missing=()
-  command -v slurmctld >/dev/null || missing+=(slurm-wlm)
-  command -v slurmd >/dev/null || missing+=(slurm-wlm)
+  { command -v slurmctld && command -v slurmd; } >/dev/null || missing+=(slurm-wlm)
   command -v munged >/dev/null || missing+=(munge)
   ((${#missing[@]})) || return 0
   command -v apt-get >/dev/null || skip "SLURM/munge missing (${missing[*]}) and apt-get unavailable"
@@ -127,6 +132,9 @@ KillWait=5
 MessageTimeout=5
 SlurmdTimeout=10
 InactiveLimit=0
+# A batch job hit by a node failure must end (NODE_FAIL), not be requeued and
+# sit pending forever on a node that never comes back.
+JobRequeue=0
 MinJobAge=300
 UnkillableStepTimeout=30
 AccountingStorageType=accounting_storage/none
@@ -145,7 +153,7 @@ start_munged() {
   rm -f "$STATE_DIR/munge.sock"
   munged --force --socket="$STATE_DIR/munge.sock" --key-file="$STATE_DIR/munge.key" \
     --pid-file="$STATE_DIR/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
-    --seed-file="$STATE_DIR/munged.seed" ||
+    --seed-file="$STATE_DIR/munged.seed" 9>&- ||
     die "munged failed to start, see $STATE_DIR/log/munged.log"
 }
 
@@ -153,12 +161,12 @@ start_slurmctld() {
   pid_of slurmctld slurmctld >/dev/null && return 0
   # -c: start with a clean job table; stale jobs from an earlier run would
   # otherwise occupy the node or be "requeued".
-  slurmctld -c -f "$CONF" || die "slurmctld failed, see $STATE_DIR/log/slurmctld.log"
+  slurmctld -c -f "$CONF" 9>&- || die "slurmctld failed, see $STATE_DIR/log/slurmctld.log"
 }
 
 start_slurmd() {
   pid_of slurmd slurmd >/dev/null && return 0
-  slurmd -f "$CONF" -N "$(node_name)" || die "slurmd failed, see $STATE_DIR/log/slurmd.log"
+  slurmd -f "$CONF" -N "$(node_name)" 9>&- || die "slurmd failed, see $STATE_DIR/log/slurmd.log"
 }
 
 # The node is named after the short host name so that slurmd and slurmctld
@@ -173,7 +181,7 @@ all_running() {
 node_idle() {
   local out
   out="$(SLURM_CONF="$CONF" timeout 10 sinfo -h -N -o '%N %t' 2>/dev/null)" || return 1
-  [[ "$out" =~ (idle|mix|alloc) ]]
+  [[ "$out" =~ (idle|mix|alloc|comp) ]]
 }
 
 wait_idle() {
@@ -224,9 +232,7 @@ cmd_stop() {
       done
     fi
   fi
-  stop_pidfile slurmd slurmd
-  stop_pidfile slurmctld slurmctld
-  stop_pidfile munged munged
+  stop_daemons slurmd slurmctld munged
   rm -f "$STATE_DIR/munge.sock"
   log "stopped"
 }
@@ -251,10 +257,18 @@ cmd_status() {
   return "$rc"
 }
 
+# Serialise start/stop: parallel test workers may call them at once.
+# The lock file sits beside the state dir (which stop may leave or remove).
+# Daemons are started with `9>&-` so they do not inherit (and hold) the lock.
+take_lock() {
+  exec 9>>"${STATE_DIR%/}.lock"
+  flock -w 120 9 || die "another start/stop holds ${STATE_DIR%/}.lock"
+}
+
 main() {
   case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) take_lock; cmd_start ;;
+    stop) take_lock; cmd_stop ;;
     status) cmd_status ;;
     env) print_env ;;
     *)
