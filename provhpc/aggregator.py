@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -67,6 +68,7 @@ class Aggregator:
         self.ready = threading.Event()
         self.exit_status = 0
         self._seg_prefix = f"provhpc-{os.getuid()}-{run_id}-"
+        self._orphans: set[int] = set()
         self.gpus = _telemetry.GPUs()  # NVML, opened on first use
         self.telemetry: _telemetry.Sampler | None = None
 
@@ -207,6 +209,8 @@ class Aggregator:
         rank, pid = int(hello["rank"]), int(hello["pid"])
         if not (0 <= rank < 1 << 31 and 0 < pid < 1 << 31):
             raise ValueError(f"hello with rank {rank} / pid {pid} out of range")
+        if pid in self._orphans:
+            return self._refuse(sock, key, f"pid {pid} ended; its segment was salvaged")
         if hello.get("run_id") != self.run_id:
             return self._refuse(sock, key, f"run id {hello.get('run_id')!r} is not {self.run_id!r}")
         old = self.streams.get(key)
@@ -373,7 +377,39 @@ class Aggregator:
             return spec
 
     # ------------------------------------------------------------------ liveness and salvage
+    def _sweep_orphans(self) -> None:
+        """Salvage segments of this run and node whose process died before its hello
+        arrived (a forked worker that ended at once); their records are not lost."""
+        prefix = f"provhpc-{os.getuid()}-{self.run_id}-{self.node}-r"
+        known = {s.pid for s in self.streams.values()} | self._orphans
+        try:
+            names = os.listdir(shm_dir())
+        except OSError:
+            return
+        for name in names:
+            m = _ORPHAN_RE.match(name[len(prefix):]) if name.startswith(prefix) else None
+            if m is None or int(m.group(2)) in known or _alive(int(m.group(2))):
+                continue
+            rank, pid = int(m.group(1)), int(m.group(2))
+            self._orphans.add(pid)
+            try:
+                seg = self._attach(os.path.join(shm_dir(), name), rank, pid)
+            except (OSError, ValueError) as exc:
+                log.warning("orphan segment %s not salvaged: %s", name, exc)
+                continue
+            worker = any(s.rank == rank and s.role == "rank" for s in self.streams.values())
+            s = Stream(b"orphan:%d" % pid, {"rank": rank, "pid": pid,
+                                            "role": "worker" if worker else "rank"}, seg, "shm")
+            self.streams[s.key] = s
+            self.writer.upsert_rank((rank, pid), {
+                "rank": rank, "local_rank": -1, "pid": pid, "role": s.role, "node": self.node,
+                "status": "running", "reported": -1})
+            log.info("salvaging the segment of pid %d (rank %d), which never said hello",
+                     pid, rank)
+            self._salvage(s, "killed")
+
     def _check_liveness(self) -> None:
+        self._sweep_orphans()
         now = time.monotonic()
         for s in list(self.streams.values()):
             if s.closed:
@@ -418,6 +454,7 @@ class Aggregator:
     def _finish(self) -> None:
         if self.writer is None:
             return
+        self._sweep_orphans()
         for s in self.streams.values():
             if not s.closed:
                 self._salvage(s, "terminated")
@@ -427,6 +464,9 @@ class Aggregator:
         except OSError as exc:
             log.error("closing %s failed: %s", self.path, exc)
             self.exit_status = 1
+
+
+_ORPHAN_RE = re.compile(r"^(\d+)-p(\d+)$")
 
 
 def _unused_path(path: str) -> str:

@@ -47,8 +47,8 @@ def _items(values: dict) -> list:
     for key, value in values.items():
         if key.__class__ is not str or not key:
             raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
-        if isinstance(value, dict):
-            out.extend(_items(R.flatten(value, key + ".")))
+        if isinstance(value, dict):  # flatten stops at its depth: no recursion on cycles
+            out.extend(R.flatten(value, key + ".").items())
         else:
             out.append((key, value))
     return out
@@ -234,7 +234,7 @@ def metric(name: str, value, step=None) -> None:
     if step is None:
         step = _NO_STEP
     elif step.__class__ is not int:
-        step = int(step)
+        step = _metric_step(name, step)
     act = _current.get()
     t = _time_ns()
     if _get_ident() == a._owner:  # the owner thread: no lock (see Agent.write)
@@ -257,9 +257,22 @@ def metric(name: str, value, step=None) -> None:
 def _metric_value(name, value) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except OverflowError:  # an int beyond the float range: its signed infinity
+        return float("inf") if value > 0 else float("-inf")
+    except Exception:  # a broken __float__ included: misuse, named where it is written
         raise ValueError(f"provhpc: metric {name!r}: {type(value).__name__} is not a number") \
             from None
+
+
+def _metric_step(name, step) -> int:
+    try:
+        step = int(step)
+    except Exception:
+        raise ValueError(f"provhpc: metric {name!r}: step {type(step).__name__} is not an "
+                         "integer") from None
+    if not -(2**63) < step < 2**63:
+        raise ValueError(f"provhpc: metric {name!r}: step {step} is outside int64")
+    return step
 
 
 def attribute(name: str, value) -> None:
@@ -494,6 +507,8 @@ def epoch(i=None, used=None, **params) -> Activity:
         return Activity("epoch", "epoch", _NO_STEP, used, params or None)
     if isinstance(i, bool) or not hasattr(i, "__index__"):
         raise ValueError(f"provhpc: epoch index must be an int, got {i!r}")
+    if not -(2**63) < i.__index__() < 2**63:
+        raise ValueError(f"provhpc: epoch index {i} is outside int64")
     return Activity("epoch", "epoch", i.__index__(), used, params or None)
 
 
