@@ -158,7 +158,8 @@ def _cmd_summary(args) -> int:
 
 
 def _add_summary(sub):
-    if "summary" in sub.choices:  # provhpc.cli registers its own; this one takes over later
+    if "summary" in sub.choices:  # provhpc.cli registers its own; this MPI-aware one takes over
+        sub.choices["summary"].set_defaults(func=_cmd_summary)
         return
     p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
                        description="Summarise a run: RUN is a run directory (or an output "
