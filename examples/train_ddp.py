@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                     loss = loss_fn(ddp(x), y)
                     loss.backward()
                     opt.step()
-                    watcher.log(loss=loss)  # stays on the device; read in batches
+                    watcher.log(loss=loss, batch_size=len(x))  # stays on the device
                 sched.step()
             with provhpc.stage("validate"), torch.no_grad():
                 ddp.eval()

@@ -9,7 +9,7 @@
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 optimizer.step()
-                w.log(loss=loss)          # a tensor: kept on its device, read later
+                w.log(loss=loss, batch_size=len(x))  # kept on its device, read later
     ptorch.save(model.state_dict(), "ckpt.pt")   # entity derived from data + hyperparameters
 
 What is recorded: the model as an entity (class, layers, parameter counts,
@@ -18,14 +18,15 @@ backend, the rank's GPU index, UUID and name) as an entity, per-step values
 given to ``log`` (metric ``<name>``, step = the watcher's step counter), per
 epoch their mean (``epoch_<name>``), the learning rate (``lr``: at each
 change seen by the optimizer hook and at every epoch end), samples and
-throughput per epoch (a forward pre-hook counts the batch dimension), and
+throughput per epoch (from ``log(batch_size=...)``), and
 checkpoints as generated entities with their content hash, derived from the
 training data, the hyperparameters and the model.
 
 Hot-path policy (what runs every step): ``torch`` is imported only here,
-never by ``import provhpc``.  The model's ``forward`` is not replaced: a
-forward pre-hook reads the input's shape (metadata) and an optimizer
-step post-hook reads ``param_groups[0]["lr"]`` when it is a Python number.
+never by ``import provhpc``.  The model's ``forward`` is neither replaced nor
+hooked (a forward hook alone moves every module call off PyTorch's fast
+path); an optimizer step post-hook reads ``param_groups[0]["lr"]`` when it
+is a Python number.
 ``log`` never calls ``.item()``, ``.cpu()``, ``float()`` or ``.tolist()`` on a
 tensor: it keeps ``tensor.detach()`` (a scalar on its device) with the step,
 time and activity of the call.  Pending values are read in one batch —
@@ -158,7 +159,6 @@ class Watcher:
         self.world: dict = {}
         if self.enabled:
             self._describe()
-            self._hooks.append(model.register_forward_pre_hook(self._on_forward))
             if optimizer is not None:
                 self._hooks.append(optimizer.register_step_post_hook(self._on_step))
             atexit.register(self.close)
@@ -178,13 +178,7 @@ class Watcher:
         self.world_entity = api.data("ddp/world", kind="distributed", **self.world)
         api.used(self.model_entity, self.world_entity)
 
-    # --- hooks (hot path: metadata and Python numbers only)
-    def _on_forward(self, _module, args):
-        if args:
-            shape = getattr(args[0], "shape", None)
-            if shape:
-                self.samples += shape[0]
-
+    # --- hooks (hot path: Python numbers only)
     def _on_step(self, optimizer, _args, _kwargs):
         self.optimizer_steps += 1
         lr = optimizer.param_groups[0].get("lr")
@@ -195,10 +189,14 @@ class Watcher:
                                       api._current.get(), float(lr)))
 
     # --- per step
-    def log(self, step: int | None = None, **values) -> None:
-        """Values of this training step (tensors stay on their device until a batched read)."""
+    def log(self, step: int | None = None, *, batch_size: int = 0, **values) -> None:
+        """Values of this training step (tensors stay on their device until a batched read).
+
+        ``batch_size``: samples of this step (counted into the epoch's throughput).
+        """
         if not self.enabled:
             return
+        self.samples += batch_size
         if step is None:
             step = self.step
         self.step = step + 1
@@ -219,8 +217,8 @@ class Watcher:
             raise ValueError(f"provhpc.torch: {name!r}: {type(v).__name__} is not a number "
                              "or tensor")
         v = detach()
-        if v.numel() != 1:  # e.g. a per-sample loss: its mean, computed on the device
-            v = v.float().mean()
+        if v.dim():  # 0-d tensors stack as they are; else one value, computed on the device
+            v = v.reshape(()) if v.numel() == 1 else v.float().mean()
         return v
 
     def flush(self) -> None:
@@ -236,9 +234,9 @@ class Watcher:
         if tensors:
             torch = _torch()
             for idx in tensors.values():
-                read = torch.stack([values[i].reshape(()).float() for i in idx]).tolist()
+                read = torch.stack([values[i] for i in idx]).tolist()  # dtypes promote
                 for i, x in zip(idx, read):
-                    values[i] = x
+                    values[i] = float(x)
         agent = api._agent
         if agent is None:
             return

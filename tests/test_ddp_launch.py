@@ -5,10 +5,8 @@ import subprocess
 
 import pytest
 
-pytest.importorskip("torch")  # the optional extra; `make test` installs torch
-
-import provhpc  # noqa: E402
-from provhpc import records as R  # noqa: E402
+import provhpc
+from provhpc import records as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_ddp.py")

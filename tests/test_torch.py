@@ -3,14 +3,13 @@
 import os
 
 import pytest
+import torch  # the optional extra: `make test` installs torch==2.13.0 (CPU)
 
-torch = pytest.importorskip("torch")  # the optional extra; `make test` installs torch
-
-import provhpc  # noqa: E402
-import provhpc.torch as ptorch  # noqa: E402
-from provhpc import records as R  # noqa: E402
-from provhpc.api import file_hash  # noqa: E402
-from provhpc.testing import capture  # noqa: E402
+import provhpc
+import provhpc.torch as ptorch
+from provhpc import records as R
+from provhpc.api import file_hash
+from provhpc.testing import capture
 
 torch.set_num_threads(1)
 
@@ -32,7 +31,7 @@ def _train(model, opt, w, epochs=2, steps=5, sched=None):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                w.log(loss=loss)
+                w.log(loss=loss, batch_size=6)
                 losses.append(loss.detach().clone())
         if sched is not None:
             sched.step()
@@ -103,7 +102,7 @@ def test_watch_records_training(tmp_path):
     # the model entity
     m = v.entity("model")
     attrs = v.attrs(int(m["id"]))
-    assert attrs["parameters"] == sum(p.numel() for p in model.parameters()) == 4 * 8 + 8 + 8 * 3 + 3
+    assert attrs["parameters"] == sum(p.numel() for p in model.parameters()) == 40 + 27
     assert attrs["trainable_parameters"] == attrs["parameters"]
     assert attrs["layers"] == 3 and attrs["dtype"] == "float32" and attrs["device"] == "cpu"
     assert attrs["layer.0"] == "Linear params=40" and attrs["layer.1"] == "ReLU params=0"
@@ -123,7 +122,8 @@ def test_watch_records_training(tmp_path):
     (task,) = [int(r["id"]) for r in v.of(R.ACTIVITY_START) if v.s[r["name"]] == "save_checkpoint"]
     assert (ckpt.id, task) in v.relations(R.WAS_GENERATED_BY)
     assert torch.load(ckpt_path)["0.weight"].shape == (8, 4)
-    assert not model._forward_pre_hooks  # close() removed the hooks
+    assert not opt._optimizer_step_post_hooks  # close() removed the hook
+    assert not model._forward_pre_hooks and not model._forward_hooks  # forward never hooked
 
 
 def test_no_device_read_on_the_hot_path(tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def test_without_capture_nothing_is_hooked(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = ptorch.watch(model, opt)
-    assert not w.enabled and not model._forward_pre_hooks
+    assert not w.enabled and not opt._optimizer_step_post_hooks
     _train(model, opt, w, epochs=1, steps=2)
     assert w._pending == [] and w.step == 0
     e = ptorch.save(model.state_dict(), tmp_path / "m.pt")
@@ -206,3 +206,17 @@ def test_ddp_world_and_wrapped_model(tmp_path):
     assert attrs["class"].endswith("Sequential")
     assert [x for _, x, _ in v.metrics("samples")] == [18.0]
     assert len(v.metrics("loss")) == 3
+
+
+def test_logged_value_kinds(tmp_path):
+    """Python numbers, 0-d, 1-element and per-sample tensors of any dtype, in one batch."""
+    with capture(tmp_path, telemetry_interval=0) as cap:
+        w = ptorch.watch(_model())
+        w.log(a=torch.tensor(3), b=torch.tensor([2.5]), c=torch.tensor(True), d=2,
+              e=torch.tensor([1.0, 2.0, 6.0]), f=torch.tensor(0.5, dtype=torch.float16))
+        w.log(step=10, a=1.5)
+        w.close()
+    v = View(cap)
+    got = {n: [(s, x) for s, x, _ in v.metrics(n)] for n in "abcdef"}
+    assert got == {"a": [(0, 3.0), (10, 1.5)], "b": [(0, 2.5)], "c": [(0, 1.0)],
+                   "d": [(0, 2.0)], "e": [(0, 3.0)], "f": [(0, 0.5)]}
