@@ -6,7 +6,7 @@ version, the versions of selected packages (read from their installed
 metadata, nothing is imported), the git commit and dirty state of the
 script's repository, the command line, the SLURM job and the host.
 
-Redaction rules (``docs`` of this module are the reference):
+Redaction rules (this docstring is the reference):
 
 * No environment dump.  Only variables on an allow-list are copied at all
   (``ALLOWED_ENV`` names and ``ALLOWED_ENV_PREFIXES``).

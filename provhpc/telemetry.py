@@ -20,7 +20,7 @@ NVML index (the same as CUDA's with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or
 identical GPUs); a UUID is exact.  The rank table's ``gpu`` column then holds
 ``"<nvml index>:<uuid>"``.
 
-Convention (docs/format.md, "Telemetry"): a sample is a METRIC record written
+Convention (the reference for docs/format.md): a sample is a METRIC record written
 by the aggregator on behalf of the rank — ``rank`` = the rank, ``id`` = 0 (no
 activity), ``name`` = ``telemetry.<quantity>``, ``fval`` = the value,
 ``ival`` = the sampled pid, ``step`` = the aggregator's sample number,
