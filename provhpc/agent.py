@@ -63,8 +63,9 @@ class Agent:
     """Capture for one process (a rank, or a forked worker of a rank)."""
 
     def __init__(self, cfg, ident, run_id: str, endpoint: str, segment_path: str,
-                 id_base: int = 0, role: str = "rank"):
+                 id_base: int = 0, role: str = "rank", ready_path: str = ""):
         self.cfg, self.ident, self.run_id, self.role = cfg, ident, run_id, role
+        self.ready_path = ready_path  # "<ready>.failed" there = the aggregator will not come
         self.rank = ident.rank
         self.pid = os.getpid()
         self.endpoint = endpoint
@@ -304,8 +305,9 @@ class Agent:
                 continue
             if self._starved or self._closing.is_set() and self.mode != "shm":
                 return False
-            if deadline is None:
-                deadline = time.monotonic() + self.cfg.backpressure_timeout
+            if deadline is None:  # while the aggregator starts, wait for it, not for a slot
+                deadline = time.monotonic() + (self.cfg.startup_timeout if self.mode == "pending"
+                                               else self.cfg.backpressure_timeout)
             left = deadline - time.monotonic()
             if left <= 0 or not self._slot_freed.wait(left):
                 if not self._free and self._slot < 0:
@@ -379,6 +381,7 @@ class Agent:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{self.rank}:{self.pid}".encode())
+        sock.setsockopt(zmq.RECONNECT_IVL, 20)  # the aggregator may bind after we connect
         try:
             sock.connect(self.endpoint)
             self._io_loop(sock)
@@ -403,16 +406,21 @@ class Agent:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        # Records already go into the slots while the aggregator starts (ZeroMQ queues the
+        # hello until it binds); writers that run out of slots meanwhile wait, see _rotate.
         deadline = time.monotonic() + self.cfg.startup_timeout
+        failed = self.ready_path + ".failed" if self.ready_path else ""
         while self.mode == "pending":
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or failed and os.path.exists(failed):
                 log.warning("provhpc: no aggregator at %s; records will be counted as dropped",
                             self.endpoint)
                 self.mode = "detached"
                 break
-            if dict(poller.poll(100)).get(sock):
+            if dict(poller.poll(20)).get(sock):
                 self._on_message(sock.recv_multipart())
         self._welcomed.set()
+        with self._lock:  # wake writers waiting for the end of the start-up
+            self._slot_freed.notify_all()
         tick = max(1, int(self.cfg.flush_interval * 100))  # ms: a tenth of the interval
         age = self.cfg.flush_interval / 2
         while True:

@@ -84,6 +84,10 @@ class Aggregator:
 
     def serve(self) -> int:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        import h5py
+
+        self.meta.setdefault("h5py", h5py.__version__)
+        self.meta.setdefault("hdf5", h5py.version.hdf5_version)
         attrs = {"run_id": self.run_id, "node": self.node, "created": time.time_ns(),
                  "config": self.cfg.to_dict(), "meta": self.meta,
                  "writer": f"provhpc {__version__}", "expect": self.expect,

@@ -18,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from . import api
@@ -155,26 +156,32 @@ def wait_ready(ready: str, timeout: float, proc=None) -> bool:
         if os.path.exists(ready + ".failed"):
             return False
         if proc is not None and proc.poll() is not None:
-            try:
-                with open(os.open(ready + ".failed", os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
-                    fh.write(f"aggregator exited with {proc.returncode}\n")
-            except OSError:
-                pass
+            _mark_failed(ready, f"aggregator exited with {proc.returncode}")
             return False
         time.sleep(0.01)
+    if proc is not None:
+        _mark_failed(ready, f"aggregator not ready after {timeout:.0f}s")
     return False
 
 
+def _mark_failed(ready: str, why: str) -> None:
+    """Tell this node's ranks that no aggregator will come (they stop waiting)."""
+    try:
+        with open(os.open(ready + ".failed", os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+            fh.write(why + "\n")
+    except OSError:
+        pass
+
+
 def run_meta(ident, cfg, argv=None) -> dict:
-    import h5py
+    """Run metadata; a rank never imports h5py for it (the aggregator adds h5py/HDF5)."""
     import numpy
     import zmq
 
     from . import __version__
 
     return {"provhpc": __version__, "python": sys.version.split()[0],
-            "numpy": numpy.__version__, "h5py": h5py.__version__, "pyzmq": zmq.__version__,
-            "hdf5": h5py.version.hdf5_version, "launcher": ident.launcher,
+            "numpy": numpy.__version__, "pyzmq": zmq.__version__, "launcher": ident.launcher,
             "job_id": ident.job_id, "step_id": ident.step_id, "world_size": ident.size,
             "user": _user(), "argv": _environment.redact_argv(argv or sys.argv),
             "cwd": os.getcwd(),
@@ -225,15 +232,17 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
         except OSError as exc:  # a read-only or full output file system: run without one
             log.warning("provhpc: cannot start the aggregator of node %s: %s", ident.node, exc)
             usable = False
-    if not wait_ready(ready, cfg.startup_timeout if usable else 0.0, proc):
+    if not usable:
         log.warning("provhpc: rank %d: no aggregator for node %s; records stay in segment "
                     "%s (up to its capacity, the rest counted as dropped) for `provhpc "
                     "recover`", ident.rank, ident.node,
                     segment_name(rid, ident.node, ident.rank, os.getpid()))
-        usable = False
+        _mark_failed(ready, "no usable output directory")
+    elif proc is not None:  # user code starts now; this watches the aggregator's start-up
+        threading.Thread(target=wait_ready, args=(ready, cfg.startup_timeout, proc),
+                         name="provhpc-aggregator-start", daemon=True).start()
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
-    agent = Agent(cfg, ident, rid, endpoint, seg_path)
-    agent.wait_ready(cfg.startup_timeout if usable else 0.5)
+    agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
     api._agent = agent
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
     if ident.rank == 0:

@@ -119,7 +119,9 @@ def test_aggregator_sigkill_then_recover(seed, tmp_path, venv_bin, clean_env):
         threshold = rng.randint(500, 8000)
         wait_for(lambda: min(progress(tmp_path, r) for r in range(NRANKS)) >= threshold, 60,
                  "progress", proc)
-        os.kill(aggregator_pid(tmp_path), signal.SIGKILL)
+        # ranks do not wait for the aggregator to start: wait for it here
+        os.kill(wait_for(lambda: aggregator_pid(tmp_path), 60, "the aggregator", proc),
+                signal.SIGKILL)
         assert proc.wait(90) == 0, output(proc)  # the training is unaffected
         rdir = run_dir(str(tmp_path / "prov"))
         # the killed writer's file opens as it is (SWMR), with what it had acknowledged
@@ -151,7 +153,7 @@ def test_sigterm_to_whole_job_drains_within_5s(tmp_path, venv_bin, clean_env):
         pids = wait_for(lambda: rank_pids(tmp_path, NRANKS), 60, "rank pids", proc)
         wait_for(lambda: min(progress(tmp_path, r) for r in range(NRANKS)) > 2000, 60,
                  "progress", proc)
-        agg = aggregator_pid(tmp_path)
+        agg = wait_for(lambda: aggregator_pid(tmp_path), 60, "the aggregator", proc)
         t0 = time.monotonic()
         for pid in [*pids.values(), agg]:
             os.kill(pid, signal.SIGTERM)
