@@ -514,5 +514,32 @@ def _add_merge(sub):
     p.set_defaults(func=_cmd_merge)
 
 
+def _friendly(handler):
+    """Missing optional packages and failed MPI shares end with one clear line, exit 2."""
+    def run(args):
+        try:
+            return handler(args)
+        except ImportError as exc:
+            print(f"provhpc {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # RankFailed: names the rank and its error
+            print(f"provhpc {args.command}: {exc}", file=sys.stderr)
+            return 1
+    run.__name__ = handler.__name__
+    return run
+
+
+def _wrap(add):
+    def add_wrapped(sub):
+        before = set(sub.choices)
+        add(sub)
+        for name in set(sub.choices) - before:
+            p = sub.choices[name]
+            p.set_defaults(func=_friendly(p.get_default("func")))
+    add_wrapped.__name__ = add.__name__
+    return add_wrapped
+
+
 COMMANDS = [_add_ls, _add_summary, _add_query, _add_lineage, _add_export, _add_report,
             _add_recover, _add_merge]
+COMMANDS = [_wrap(add) for add in COMMANDS]

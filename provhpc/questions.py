@@ -268,9 +268,13 @@ def failures(run) -> list:
     e = np.asarray(run.entities())
     rel = np.asarray(run.relations())
     rel = rel[rel["relation"] == R.USED]
+    rank_status = {r["rank"]: r["status"] for r in run.ranks() if r["role"] == "rank"}
     out = []
     for row in bad:  # one per failed activity
         rank = int(row["rank"])
+        status = row["status"]
+        if status == "open" and rank_status.get(rank) in ("killed", "error", "lost"):
+            status = f"open, rank {rank_status[rank]}"
         mine = t[t["rank"] == rank]
         parents = dict(zip(mine["id"].tolist(), mine["parent"].tolist()))
         msg = attributes_of(run, rank, int(row["id"])).get("exception", "")
@@ -283,7 +287,7 @@ def failures(run) -> list:
             cur = parents.get(cur, 0)
         via_name = mine["name"][mine["id"] == via][0] if via else None
         out.append({"rank": rank, "node": row["node"], "type": row["type"],
-                    "name": row["name"], "id": f"{rank}:{row['id']}", "status": row["status"],
+                    "name": row["name"], "id": f"{rank}:{row['id']}", "status": status,
                     "exception": row["error"], "message": msg, "last_inputs": inputs,
                     "inputs_of": via_name})
     return out
