@@ -222,7 +222,7 @@ def start_provhpc(out: str):
         if k.startswith(("PMI", "PMIX", "OMPI_", "HYDRA", "SLURM_", "MPI_LOCAL", "PROVHPC_")):
             del os.environ[k]
     session = provhpc.init(out=out, run_id=f"capture-cost-{os.getpid()}")
-    if session is None or session.agent.mode != "shm":
+    if session is None or not session.agent.wait_ready(30):
         raise SystemExit("provhpc did not start (no aggregator?)")
     return provhpc, api, session
 

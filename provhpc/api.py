@@ -392,7 +392,11 @@ class Activity:
             for e in entities:
                 _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
             if values:
-                _emit_values(agent, self.id, values, ROLE_GENERATED)
+                t = _time_ns()
+                flat: list = []
+                if not _flat_values(agent, self.id, ROLE_GENERATED, t, values, flat) or \
+                        not agent.write_flat(flat, len(flat) // 9):
+                    agent.write(_value_rows(agent, self.id, ROLE_GENERATED, t, values))
         return self
 
     def used(self, *entities) -> Activity:
@@ -477,6 +481,8 @@ def _record_return(act: Activity, result) -> None:
 
 def _activity_factory(kind: str):
     def make(name=None, used=None, **params):
+        if name.__class__ is str and name:  # the common case first: task("name", ...)
+            return Activity(kind, name, _NO_STEP, used, params or None)
         if callable(name) and used is None and not params:  # bare @provhpc.task
             fn = name
             return _decorate(fn, kind, fn.__qualname__, _NO_STEP, None)
