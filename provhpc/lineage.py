@@ -36,16 +36,24 @@ _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def entity_identity(run_id: str, cwd: str, kind, key, hsh) -> np.ndarray:
-    """The identity string of each entity record (see the module docstring)."""
-    out = np.empty(len(key), object)
-    for i, (k, kd, h) in enumerate(zip(key.tolist(), kind.tolist(), hsh.tolist())):
-        if h:
-            path = os.path.normpath(os.path.join(cwd, k)) if cwd and not _URI.match(k) else k
-            out[i] = f"file:{path}#{h}"
-        elif _URI.match(k) and not k.startswith("file:"):
+    """The identity string of each entity record (see the module docstring).
+
+    Object-array arithmetic and one string scan for ':' keep this off a
+    per-record Python loop; only hashed and URI-like keys are looked at singly.
+    """
+    kind, key, hsh = (np.asarray(x, object) for x in (kind, key, hsh))
+    out = f"run:{run_id}:" + kind + ":" + key if len(key) else np.zeros(0, object)
+    hashed = np.flatnonzero(hsh != "")
+    colon = np.flatnonzero((np.char.find(key.astype(str), ":") > 0) & (hsh == "")) \
+        if len(key) else np.zeros(0, np.int64)
+    for i in colon.tolist():
+        k = key[i]
+        if _URI.match(k) and not k.startswith("file:"):
             out[i] = f"id:{k}"
-        else:
-            out[i] = f"run:{run_id}:{kd}:{k}"
+    for i in hashed.tolist():
+        k = key[i]
+        path = os.path.normpath(os.path.join(cwd, k)) if cwd and not _URI.match(k) else k
+        out[i] = f"file:{path}#{hsh[i]}"
     return out
 
 
@@ -119,9 +127,14 @@ class Graph:
             edges["relation"], edges["run"], edges["rank"], edges["t"] = \
                 rr["relation"], rr["run"], rr["rank"], rr["t"]
             # the same relation stated by several ranks about one logical entity: keep one
-            key = np.stack([edges["src"], edges["dst"],
-                            np.unique(edges["relation"].astype(str), return_inverse=True)[1]], 1)
-            _, keep = np.unique(key, axis=0, return_index=True)
+            rel_code = np.unique(edges["relation"].astype(str), return_inverse=True)[1]
+            n_rel = int(rel_code.max()) + 1
+            if n * n * n_rel < 2**62:  # one int64 key per edge: a fast 1-d unique
+                key = (edges["src"] * n + edges["dst"]) * n_rel + rel_code
+                _, keep = np.unique(key, return_index=True)
+            else:
+                _, keep = np.unique(np.stack([edges["src"], edges["dst"], rel_code], 1),
+                                    axis=0, return_index=True)
             edges = edges[np.sort(keep)]
         self.edges = as_table(edges)
         self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
