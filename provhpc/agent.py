@@ -118,8 +118,9 @@ class Agent:
         self._thread.start()
 
     # ------------------------------------------------------------------ hot path
-    # Callers hold ``_lock`` around _sid/_put; a record is complete in shared
-    # memory when _put returns.  There is no per-record count: a slot is zeroed
+    # _sid/_put run between _enter() and _leave() (the lock, fast path closed);
+    # the owner thread's fast paths are write_flat, write and api.metric.  A
+    # record is complete in shared memory when the call that wrote it returns.  There is no per-record count: a slot is zeroed
     # before reuse, so a reader of a dead rank's filling slot stops at kind 0.
     def _put(self, hdr, oid, ref, t, nid, sid, step, ival, fval) -> None:
         off = self._off
@@ -244,13 +245,6 @@ class Agent:
         vtype, ival, fval, text, flags = coerce(value, self.max_string)
         return self.h_attr[vtype] | flags << 16, ival, fval, text
 
-    def put_values(self, owner: int, role: int, t: int, items) -> None:
-        """Attribute records for encoded ``(key, (hdr, ival, fval, text))`` items (lock held)."""
-        sid_of, put = self._sid, self._put
-        for key, (hdr, ival, fval, text) in items:
-            put(hdr, owner, role, t, sid_of(key), 0 if text is None else sid_of(text), NO_STEP,
-                ival, fval)
-
     def _define(self, text) -> int:
         """Intern ``text``: a STRING record plus its bytes in the slot heap (lock held)."""
         if text.__class__ is not str:
@@ -279,10 +273,6 @@ class Agent:
 
     def _drop(self, reason: int, n: int = 1) -> None:
         self.seg.drops[reason] += n
-
-    def drop(self, reason: int, n: int = 1) -> None:
-        with self._lock:
-            self._drop(reason, n)
 
     # ------------------------------------------------------------------ slots
     def _rotate(self, heap_need: int = 0) -> bool:
