@@ -48,10 +48,10 @@ def once(cmd, cwd, enabled: bool, timeout: float) -> tuple[float, float, int]:
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
-    m = re.search(r"train_seconds=([0-9.]+) steps=(\d+)", p.stdout)
+    m = re.search(r"train_seconds=([0-9.]+) steps=(\d+) train_cpu_seconds=([0-9.]+)", p.stdout)
     if not m:
         raise RuntimeError(f"no train_seconds in the output:\n{p.stdout[-2000:]}")
-    return float(m.group(1)), wall, int(m.group(2))
+    return float(m.group(1)), wall, int(m.group(2)), float(m.group(3))
 
 
 def inproc(steps: int, blocks: int) -> dict:
@@ -59,11 +59,13 @@ def inproc(steps: int, blocks: int) -> dict:
 
     The same model and batches as the example (MLP 32-64-64-4, batch 32, CPU, one
     thread); blocks of ``steps`` steps of the three variants interleaved, medians.
+    Capture is the production one (``provhpc.init``: agent in this process, the
+    aggregator in its own), so the per-step figure includes the agent's I/O thread.
     """
     import torch
 
+    import provhpc
     import provhpc.torch as ptorch
-    from provhpc.testing import capture
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -73,25 +75,24 @@ def inproc(steps: int, blocks: int) -> dict:
     x, y = torch.randn(32, 32), torch.randint(0, 4, (32,))
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def block(w):
-        t0 = time.perf_counter()
+    def block(w):  # CPU time of this process (all threads): stable on a loaded machine
+        t0 = time.process_time()
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
             if w is not None:
-                w.log(loss=loss)
+                w.log(loss=loss, batch_size=len(x))
         if w is not None:
             w.flush()
-        return (time.perf_counter() - t0) / steps
+        return (time.process_time() - t0) / steps
 
     times = {"plain": [], "off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
         w_off = ptorch.watch(model, opt)  # no agent: no hooks, log returns at once
-        with capture(tmp):
-            w_on = ptorch.watch(model, opt)
-            w_on.close()  # hooks are re-attached per block below
+        provhpc.init(out=tmp, argv=["ddp_overhead-inproc"])
+        try:
             for b in range(blocks + 1):
                 for name in (("plain", "off", "on") if b % 2 else ("on", "off", "plain")):
                     if name == "on":
@@ -101,6 +102,8 @@ def inproc(steps: int, blocks: int) -> dict:
                         w_on.close()
                     if b:  # block 0 warms up
                         times[name].append(dt)
+        finally:
+            provhpc.shutdown()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -119,7 +122,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     med = inproc(steps=500, blocks=20)
-    print("in-process, per training step (median of 20 interleaved blocks of 500 steps):")
+    print("in-process, CPU time per training step (median of 20 interleaved blocks of "
+          "500 steps):")
     print(f"  plain {med['plain'] * 1e6:.1f} us, watcher without capture "
           f"{(med['off'] - med['plain']) * 1e6:+.2f} us, watcher with capture "
           f"{(med['on'] - med['plain']) * 1e6:+.2f} us "
@@ -139,18 +143,20 @@ def main(argv=None) -> int:
     for rep in range(args.reps):
         order = (False, True) if rep % 2 == 0 else (True, False)
         for enabled in order:
-            train, wall, steps = once(cmd, work, enabled, args.timeout)
-            results["on" if enabled else "off"].append((train, wall))
-            print(f"rep {rep} capture {'on ' if enabled else 'off'}: train {train:.3f} s, "
-                  f"job {wall:.2f} s", flush=True)
-    med = {k: (statistics.median(t for t, _ in v), statistics.median(w for _, w in v))
+            train, wall, steps, cpu = once(cmd, work, enabled, args.timeout)
+            results["on" if enabled else "off"].append((train, wall, cpu))
+            print(f"rep {rep} capture {'on ' if enabled else 'off'}: train {train:.3f} s "
+                  f"(rank 0 CPU {cpu:.3f} s), job {wall:.2f} s", flush=True)
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3))
            for k, v in results.items()}
-    (t_off, w_off), (t_on, w_on) = med["off"], med["on"]
+    (t_off, w_off, c_off), (t_on, w_on, c_on) = med["off"], med["on"]
     per_step_us = (t_on - t_off) / steps * 1e6 if steps else float("nan")
     print(f"\nDDP example, {args.launcher} -n {args.np}, {steps} steps per rank, "
           f"{args.reps} interleaved repetitions, medians:")
     print(f"  training loop: off {t_off:.3f} s, on {t_on:.3f} s, ratio {t_on / t_off:.4f} "
           f"({100 * (t_on / t_off - 1):+.2f} %), {per_step_us:+.1f} us per step")
+    print(f"  rank 0 CPU:    off {c_off:.3f} s, on {c_on:.3f} s, ratio {c_on / c_off:.4f} "
+          f"({100 * (c_on / c_off - 1):+.2f} %), {(c_on - c_off) / steps * 1e6:+.1f} us per step")
     print(f"  whole job:     off {w_off:.2f} s, on {w_on:.2f} s, ratio {w_on / w_off:.4f} "
           f"({100 * (w_on / w_off - 1):+.2f} %)")
     if args.json:
