@@ -286,6 +286,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks-per-node", type=int, default=8)
     ap.add_argument("--dir", default="/tmp/provhpc-qbench")
     ap.add_argument("--keep", action="store_true", help="keep the run and the JSONL file")
+    ap.add_argument("--build-only", action="store_true", help="build the run, time nothing")
     args = ap.parse_args(argv)
     if os.path.exists(args.dir):
         shutil.rmtree(args.dir)
@@ -296,6 +297,8 @@ def main(argv=None) -> int:
                                           args.ranks_per_node))
     print(f"built {n:,} records in {args.nodes} partitions ({args.nodes * args.ranks_per_node} "
           f"ranks) in {t:.1f} s; {sum(os.path.getsize(os.path.join(run_dir, f)) for f in os.listdir(run_dir)) / 2**20:.0f} MiB")
+    if args.build_only:
+        return 0
     t, _ = timed(lambda: write_jsonl(jsonl, batches))
     del batches
     print(f"wrote the JSONL dump in {t:.1f} s; {os.path.getsize(jsonl) / 2**20:.0f} MiB")
