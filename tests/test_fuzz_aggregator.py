@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 import zmq
@@ -82,10 +83,9 @@ def hostile(tmp_path_factory):
             sock.setsockopt(zmq.IDENTITY, b"intruder")
             sock.connect(cap.aggregator.endpoint)
             yield cap, sock, attached
-            sock.close(0)
     finally:
         S.Segment.attach = classmethod(real_attach)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
@@ -98,6 +98,8 @@ def test_hostile_frames_never_stop_the_aggregator(hostile, msgs, step):
         provhpc.metric("honest", float(step), step=step)
     agg = cap.aggregator
     assert not agg._stop.is_set()
+    assert any(t.name == "provhpc-aggregator" and t.is_alive() for t in threading.enumerate()), \
+        "the aggregator thread died"
     shm = os.path.realpath(S.shm_dir())
     for path in attached:  # only this run's own segment, by its exact name
         assert os.path.dirname(os.path.realpath(path)) == shm
@@ -112,6 +114,8 @@ def test_honest_rank_served_and_garbage_counted(tmp_path):
         with capture(tmp_path, flush_interval=0.05) as cap:
             bad = ctx.socket(zmq.DEALER)
             bad.setsockopt(zmq.LINGER, 0)
+            bad.setsockopt(zmq.SNDTIMEO, 5000)  # a dead aggregator fails the test, not hangs it
+            bad.setsockopt(zmq.RCVTIMEO, 5000)
             bad.connect(cap.aggregator.endpoint)
             ok_hello = {"rank": 9, "pid": 1, "segment": "", "run_id": cap.run_id}
             bad.send_multipart([P.HELLO, json.dumps(ok_hello).encode()])  # inline stream
@@ -134,4 +138,4 @@ def test_honest_rank_served_and_garbage_counted(tmp_path):
         assert counters["malformed_frames"] >= 500  # the queue left at close is not read
         assert counters["replayed_batches"] >= 1 and counters["sequence_gaps"] >= 1
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
