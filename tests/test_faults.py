@@ -79,6 +79,9 @@ def test_rank_sigkill_loses_no_returned_record(seed, tmp_path, venv_bin, clean_e
         pids = wait_for(lambda: rank_pids(tmp_path, NRANKS), 60, "rank pids", proc)
         wait_for(lambda: all(progress(tmp_path, r) >= 0 for r in range(NRANKS)), 60,
                  "first records", proc)
+        # ranks do not wait for the aggregator; kill once it serves, so that the kill
+        # lands among acknowledged, in-flight and filling slots alike
+        wait_for(lambda: aggregator_pid(tmp_path), 60, "the aggregator", proc)
         time.sleep(rng.uniform(0.05, 1.5))
         victims = rng.sample(range(NRANKS), rng.randint(1, NRANKS))
         for v in victims:
@@ -119,9 +122,10 @@ def test_aggregator_sigkill_then_recover(seed, tmp_path, venv_bin, clean_env):
         threshold = rng.randint(500, 8000)
         wait_for(lambda: min(progress(tmp_path, r) for r in range(NRANKS)) >= threshold, 60,
                  "progress", proc)
-        # ranks do not wait for the aggregator to start: wait for it here
-        os.kill(wait_for(lambda: aggregator_pid(tmp_path), 60, "the aggregator", proc),
-                signal.SIGKILL)
+        # ranks do not wait for the aggregator to start: wait until it has acknowledged some
+        agg = wait_for(lambda: aggregator_pid(tmp_path), 60, "the aggregator", proc)
+        wait_for(lambda: _stored(tmp_path) >= 1000, 60, "acknowledged records", proc)
+        os.kill(agg, signal.SIGKILL)
         assert proc.wait(90) == 0, output(proc)  # the training is unaffected
         rdir = run_dir(str(tmp_path / "prov"))
         # the killed writer's file opens as it is (SWMR), with what it had acknowledged
@@ -143,6 +147,14 @@ def test_aggregator_sigkill_then_recover(seed, tmp_path, venv_bin, clean_env):
         check_no_loss(rdir, returned)
     _log_figures(test="aggregator_sigkill", seed=seed, returned_records=total,
                  acked_before_kill=before, lost=0)
+
+
+def _stored(tmp_path) -> int:
+    try:
+        with open_partition(os.path.join(run_dir(str(tmp_path / "prov")), "vm.h5")) as f:
+            return f["records"].shape[0]
+    except (OSError, AssertionError):
+        return 0
 
 
 # ---------------------------------------------------------------------- contract 5
