@@ -84,6 +84,12 @@ class Aggregator:
 
     def serve(self) -> int:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        other = _live_aggregator(self.ready_path)
+        if other:  # binding over it would steal its ranks and delete its rendezvous files
+            log.error("another aggregator (pid %d) already serves run %s on node %s",
+                      other, self.run_id, self.node)
+            self.exit_status = 3
+            return self.exit_status
         import h5py
 
         self.meta.setdefault("h5py", h5py.__version__)
@@ -480,6 +486,16 @@ def _unused_path(path: str) -> str:
         path = f"{base}.{n}.h5"
         n += 1
     return path
+
+
+def _live_aggregator(ready_path: str) -> int:
+    """The pid of a live aggregator named in ``ready_path`` (0 when none)."""
+    try:
+        with open(ready_path) as fh:
+            pid = int(json.load(fh)["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return pid if pid != os.getpid() and _alive(pid) else 0
 
 
 def _alive(pid: int) -> bool:

@@ -265,12 +265,27 @@ def start_worker_agent(cfg, ident, run_id, endpoint):
     return agent
 
 
+_before_shutdown: list = []
+
+
+def on_shutdown(fn) -> None:
+    """Call ``fn()`` at the start of ``shutdown`` (integrations flush what they hold)."""
+    if fn not in _before_shutdown:
+        _before_shutdown.append(fn)
+
+
 def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None = None) -> bool:
     """End capture: close open activities, flush, goodbye; idempotent."""
     global _session
     s = _session
     if s is None or s.closed or s.agent.pid != os.getpid():
         return True
+    for fn in _before_shutdown[::-1]:
+        try:
+            fn()
+        except Exception:  # an integration's failure must not lose the rank's own records
+            log.exception("provhpc: a shutdown hook failed")
+    _before_shutdown.clear()
     s.closed = True
     agent = s.agent
     agent.end_open_activities(keep=s.run_activity.id if s.run_activity is not None else 0)

@@ -45,6 +45,7 @@ import time
 
 from . import api
 from . import records as R
+from . import session as _session
 
 MAX_LAYERS = 256  # leaf layers listed one by one; beyond that only counted
 _watcher: Watcher | None = None  # the latest watcher: save() derives from it by default
@@ -162,6 +163,7 @@ class Watcher:
             if optimizer is not None:
                 self._hooks.append(optimizer.register_step_post_hook(self._on_step))
             atexit.register(self.close)
+            _session.on_shutdown(self.close)  # `provhpc run` shuts down before atexit
 
     def _describe(self) -> None:
         self.model_entity = api.data(f"model/{self.name}", kind="model",

@@ -220,3 +220,26 @@ def test_logged_value_kinds(tmp_path):
     got = {n: [(s, x) for s, x, _ in v.metrics(n)] for n in "abcdef"}
     assert got == {"a": [(0, 3.0), (10, 1.5)], "b": [(0, 2.5)], "c": [(0, 1.0)],
                    "d": [(0, 2.0)], "e": [(0, 3.0)], "f": [(0, 0.5)]}
+
+
+def test_pending_values_reach_the_partition_when_provhpc_run_exits(tmp_path, venv_bin, clean_env):
+    """`provhpc run` shuts the session down before atexit: the watcher flushes first."""
+    import subprocess
+
+    from provhpc.reader import Run
+
+    script = tmp_path / "short.py"
+    script.write_text("import torch, provhpc.torch as pt\n"
+                      "m = torch.nn.Linear(2, 1)\n"
+                      "w = pt.watch(m, torch.optim.SGD(m.parameters(), lr=0.1), every=1000)\n"
+                      "for i in range(3):\n"
+                      "    w.log(loss=torch.tensor(float(i)))\n")  # never flushed, never closed
+    env = {**clean_env, "PROVHPC_RUNTIME_DIR": str(tmp_path / "rt")}
+    subprocess.run([os.path.join(venv_bin, "provhpc"), "run", "--out", str(tmp_path / "out"),
+                    "--", os.path.join(venv_bin, "python"), str(script)], env=env, check=True,
+                   timeout=120, cwd=tmp_path)
+    with Run(str(tmp_path / "out" / "latest")) as run:
+        p = run.partitions[0]
+        recs, strings = p.records(), p.strings
+        loss = recs[(recs["kind"] == R.METRIC) & (strings[recs["name"]] == "loss")]
+        assert sorted(loss["fval"].tolist()) == [0.0, 1.0, 2.0]
