@@ -13,6 +13,7 @@ import contextvars
 import functools
 import hashlib
 import os
+import struct
 import time
 
 from . import records as R
@@ -247,11 +248,17 @@ def metric(name: str, value, step=None) -> None:
                     a._pack(a._mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
                     a._off = off + 64
                     return
+            except struct.error:
+                raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") \
+                    from None
             finally:
                 a._busy = False
         elif name.__class__ is not str or not name:
             _check_name(name, "metric name")
-    a.write([(a.h_metric, act, 0, t, name, None, step, 0, value)])
+    try:
+        a.write([(a.h_metric, act, 0, t, name, None, step, 0, value)])
+    except struct.error:
+        raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") from None
 
 
 def _metric_value(name, value) -> float:

@@ -187,3 +187,17 @@ def test_values_follow_the_documented_coercion_rules(tmp_path):
     assert a["bad"] == "<BadRepr>"
     p = cap.run.partitions[0]
     assert p.truncated_strings[list(p.strings).index("x" * 64)]
+
+
+def test_out_of_range_step_is_misuse_and_capture_goes_on(tmp_path):
+    with capture(tmp_path) as cap:
+        provhpc.metric("m", 1.0, step=1)  # "m" interned: the next call takes the fast path
+        with pytest.raises(ValueError, match="step"):
+            provhpc.metric("m", 1.0, step=2**70)
+        with pytest.raises(ValueError, match="step"):
+            provhpc.metric("fresh", 1.0, step=-(2**70))  # a new name: the locked path
+        assert cap.agent._busy is False
+        provhpc.metric("m", 2.0, step=2)
+    m = cap.records("metric")
+    m = m[np.array(names(cap, m)) == "m"]
+    assert sorted(m["step"].tolist()) == [1, 2]
