@@ -309,8 +309,8 @@ def main(argv=None) -> int:
     raw = f"/data/raw/r{5 % n_ranks}/file007.npy"
     origin = probe.time_range()[0]
     probe.close()
-    span = 20.0  # seconds of the (synthetic) run, in the middle
-    lo_s, hi_s = 10.0, 10.0 + span
+    span = steps * 100_000 / 1e9  # seconds the synthetic steps cover (100 us apart)
+    lo_s, hi_s = 0.25 * span, 0.5 * span  # a quarter of the run, in its first half
     queries = {
         "lineage backward (checkpoint)": (
             lambda r: len(lineage(r, ck).nodes),
