@@ -252,7 +252,7 @@ def jsonl_tasks(path, rank, min_dur_ns, lo, hi):
     for r in _scan(path):
         if r["rank"] != rank:
             continue
-        if r["type"] == "activity_start":
+        if r["type"] == "activity_start" and r["sval"] == "task":
             starts[r["id"]] = r["time"]
         elif r["type"] == "activity_end" and r["id"] in starts:
             s = starts[r["id"]]
@@ -319,9 +319,9 @@ def main(argv=None) -> int:
             lambda r: len(lineage(r, raw, "forward").nodes),
             lambda: jsonl_lineage(jsonl, raw, "forward")),
         "tasks: rank 3, >80 us, window": (
-            lambda r: len(select(r, "tasks", kind="task", rank=[3], where=["duration_s>8e-5"],
+            lambda r: len(select(r, "tasks", kind="task", rank=[3], where=["duration_s>8.00005e-5"],
                                  since=lo_s, until=hi_s)),
-            lambda: jsonl_tasks(jsonl, 3, 80_000, origin + int(lo_s * 1e9),
+            lambda: jsonl_tasks(jsonl, 3, 80_000.5, origin + int(lo_s * 1e9),
                                 origin + int(hi_s * 1e9))),
         "metrics: loss < 0.5, ranks 0-7": (
             lambda r: len(select(r, "metrics", name="loss", rank=list(range(8)),
