@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import socket as _socket
 import struct
 import sys
@@ -22,6 +23,7 @@ from collections import deque
 
 import zmq
 
+from . import netkey
 from . import protocol as P
 from .records import (
     ACTIVITY_END,
@@ -47,11 +49,14 @@ from .segment import DROP_REASONS, FILLING, FREE, SEALED, Segment
 log = logging.getLogger("provhpc.agent")
 
 BACKPRESSURE, NO_AGGREGATOR, AFTER_SHUTDOWN, ENCODE = range(4)
+HEARTBEAT_S = 1.0  # inline mode: seconds between heartbeats (the aggregator waits >= 10 s)
 
 
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 _get_ident = threading.get_ident
 _PACKERS: dict = {}  # n -> pack_into of n consecutive records
+SIGTERM_GRACE = 2.0  # seconds the program has to unwind after SIGTERM before the agent drains
+_SIGTERM_BYTE = bytes([signal.SIGTERM])
 
 
 class Dropped(Exception):
@@ -69,6 +74,13 @@ class Agent:
         self.rank = ident.rank
         self.pid = os.getpid()
         self.endpoint = endpoint
+        self.key_file = ""
+        if endpoint.startswith("tcp://"):  # the network: only ever with the run's CURVE key
+            self.key_file = getattr(cfg, "key_file", "")
+            if not self.key_file:
+                raise ValueError(f"provhpc: connecting to {endpoint} needs PROVHPC_KEY_FILE (the "
+                                 "aggregator's CURVE secret); no unauthenticated tcp")
+            netkey.load_secret(self.key_file)  # a missing or readable-by-others file: refuse now
         heap = max(cfg.slot_heap, 256)
         self.max_string = min(cfg.max_string, heap)
         self.seg = Segment.create(segment_path, ident.rank, cfg.slots, cfg.slot_records, heap)
@@ -108,6 +120,8 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._closing = threading.Event()
+        self._sigterm_at = None
+        self.sigterm_exit = None  # set by `provhpc run`: may the agent end a stuck process?
         self._welcomed = threading.Event()
         self._done = threading.Event()
         self.mode = "pending"
@@ -373,6 +387,10 @@ class Agent:
         sock.setsockopt(zmq.IDENTITY, f"{self.rank}:{self.pid}".encode())
         sock.setsockopt(zmq.RECONNECT_IVL, 20)  # the aggregator may bind after we connect
         try:
+            if self.key_file:
+                netkey.setup_client(sock, self.key_file)
+                sock.setsockopt(zmq.RECONNECT_IVL, 200)  # a refused handshake: back off
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
             sock.connect(self.endpoint)
             self._io_loop(sock)
         except Exception:  # the I/O thread must never take the training down
@@ -411,15 +429,26 @@ class Agent:
         self._welcomed.set()
         with self._lock:  # wake writers waiting for the end of the start-up
             self._slot_freed.notify_all()
-        tick = max(1, int(self.cfg.flush_interval * 100))  # ms: a tenth of the interval
+        # ms: a tenth of the interval, at most a second (the heartbeat of inline mode)
+        tick = max(1, min(1000, int(self.cfg.flush_interval * 100)))
         age = self.cfg.flush_interval / 2
+        beat = 0.0
         while True:
             events = dict(poller.poll(tick))
+            if self.mode == "inline" and time.monotonic() - beat >= HEARTBEAT_S:
+                beat = time.monotonic()  # a remote rank has no pid the aggregator can watch
+                sock.send_multipart([P.HEARTBEAT, b""])
             if events.get(self._wake_r):
                 try:
-                    os.read(self._wake_r, 4096)
+                    woke = os.read(self._wake_r, 4096)
                 except BlockingIOError:
-                    pass
+                    woke = b""
+                if _SIGTERM_BYTE in woke and self._sigterm_at is None:
+                    self._sigterm_at = time.monotonic()  # signal.set_wakeup_fd wrote it
+            if self._sigterm_at is not None and not self._closing.is_set() and \
+                    time.monotonic() - self._sigterm_at > SIGTERM_GRACE and \
+                    self.sigterm_exit is not None and self.sigterm_exit():
+                self._terminate(sock, poller)
             if events.get(sock):
                 while True:
                     try:
@@ -463,10 +492,23 @@ class Agent:
         elif kind == P.NACK:
             log.warning("provhpc: aggregator reported %s", bytes(frames[1][:200]))
 
-    def _goodbye(self, sock, poller) -> None:
+    def _terminate(self, sock, poller) -> None:
+        """SIGTERM, and the program did not unwind (blocked in C, e.g. an MPI collective):
+        drain from this thread, say goodbye as 'terminated' and end the process (143)."""
+        log.warning("provhpc: rank %d did not stop %.0fs after SIGTERM (blocked outside "
+                    "Python?); draining and exiting", self.rank, SIGTERM_GRACE)
+        self.end_open_activities()
+        self._seal_current()
+        self._send_outbox(sock)
+        self.status, self.exit_code = "terminated", 143
+        self._closing.set()
+        self._goodbye(sock, poller, timeout=min(2.0, self.cfg.shutdown_timeout))
+        os._exit(143)
+
+    def _goodbye(self, sock, poller, timeout: float | None = None) -> None:
         if self.mode not in ("shm", "inline"):
             return
-        deadline = time.monotonic() + self.cfg.shutdown_timeout
+        deadline = time.monotonic() + (self.cfg.shutdown_timeout if timeout is None else timeout)
         # Wait for the acks of every batch, then say goodbye and wait for the farewell.
         while time.monotonic() < deadline and len(self._free) < self._layout.slots:
             if dict(poller.poll(20)).get(sock):

@@ -25,6 +25,7 @@ import numpy as np
 import zmq
 
 from . import __version__
+from . import netkey
 from . import protocol as P
 from . import telemetry as _telemetry
 from .partition import PartitionWriter
@@ -71,6 +72,15 @@ class Aggregator:
         self._orphans: set[int] = set()
         self.gpus = _telemetry.GPUs()  # NVML, opened on first use
         self.telemetry: _telemetry.Sampler | None = None
+        self.listen = getattr(cfg, "listen", "")
+        self._keys = None
+        self.refused_connections = 0
+        if self.listen:  # never an unauthenticated network port: refuse to start instead
+            if not cfg.key_file:
+                raise ValueError(f"provhpc: PROVHPC_LISTEN={self.listen} needs PROVHPC_KEY_FILE "
+                                 "(a CURVE secret, `provhpc keygen FILE`); the aggregator opens "
+                                 "no unauthenticated network port")
+            self._keys = netkey.keypair(cfg.key_file)
 
     # ------------------------------------------------------------------ lifecycle
     def stop(self) -> None:
@@ -90,6 +100,51 @@ class Aggregator:
                       other, self.run_id, self.node)
             self.exit_status = 3
             return self.exit_status
+        ctx = zmq.Context()
+        remote = zap = None
+        if self.listen:  # before the partition: a listener that cannot bind leaves no file
+            try:
+                remote, zap = self._bind_remote(ctx)
+            except zmq.ZMQError as exc:
+                log.error("cannot listen on %s (PROVHPC_LISTEN): %s", self.listen, exc)
+                ctx.term()
+                self.exit_status = 2
+                return self.exit_status
+        try:
+            self._open_partition()
+        except BaseException:
+            self._close_remote(remote, zap)
+            ctx.term()
+            raise
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        try:
+            old = os.umask(0o077)  # the ipc socket file is owner-only
+            try:
+                sock.bind(self.endpoint)
+            finally:
+                os.umask(old)
+            self._write_ready()
+            self.ready.set()
+            self._loop(sock, remote, zap)
+        finally:
+            self._finish()
+            sock.close(0)
+            self._close_remote(remote, zap)
+            ctx.term()
+            self._cleanup_rendezvous()
+        return self.exit_status
+
+    @staticmethod
+    def _close_remote(remote, zap) -> None:
+        if remote is not None:
+            remote.sock.close(0)
+        if zap is not None:
+            zap.close(0)
+
+    def _open_partition(self) -> None:
         import h5py
 
         self.meta.setdefault("h5py", h5py.__version__)
@@ -103,31 +158,33 @@ class Aggregator:
         if self.cfg.telemetry_interval > 0:
             self.telemetry = _telemetry.Sampler(self.writer, self.gpus)
         os.chmod(self.path, 0o600)
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+
+    def _bind_remote(self, ctx):
+        """The CURVE-only tcp ROUTER of PROVHPC_LISTEN and its ZAP handler (bound first:
+        libzmq admits every client when no handler is bound)."""
+        public, secret = self._keys
+        zap = ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        zap.bind(netkey.ZAP_ENDPOINT)
+        tcp = ctx.socket(zmq.ROUTER)
+        tcp.setsockopt(zmq.LINGER, 0)
+        tcp.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        tcp.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        netkey.setup_server(tcp, public, secret)
         try:
-            old = os.umask(0o077)  # the ipc socket file is owner-only
-            try:
-                sock.bind(self.endpoint)
-            finally:
-                os.umask(old)
-            self._write_ready()
-            self.ready.set()
-            self._loop(sock)
-        finally:
-            self._finish()
-            sock.close(0)
-            ctx.term()
-            self._cleanup_rendezvous()
-        return self.exit_status
+            tcp.bind(self.listen)
+        except zmq.ZMQError:
+            tcp.close(0)
+            zap.close(0)
+            raise
+        log.info("listening on %s (CURVE, one shared key)", self.listen)
+        return _Remote(tcp), zap
 
     def _write_ready(self) -> None:
         tmp = f"{self.ready_path}.{os.getpid()}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump({"pid": os.getpid(), "endpoint": self.endpoint, "path": self.path}, fh)
+            json.dump({"pid": os.getpid(), "endpoint": self.endpoint, "path": self.path,
+                       "listen": self.listen}, fh)
         os.replace(tmp, self.ready_path)
 
     def _cleanup_rendezvous(self) -> None:
@@ -139,21 +196,31 @@ class Aggregator:
                     pass
 
     # ------------------------------------------------------------------ main loop
-    def _loop(self, sock) -> None:
+    def _loop(self, sock, remote=None, zap=None) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        socks = [sock]
+        if remote is not None:
+            poller.register(remote.sock, zmq.POLLIN)
+            poller.register(zap, zmq.POLLIN)
+            socks.append(remote)
         tick = max(10, int(self.cfg.heartbeat * 1000))
         last_check = time.monotonic()
         idle_since = time.monotonic()
         next_sample = last_check + self.cfg.telemetry_interval
         while True:
-            if dict(poller.poll(tick)).get(sock):
+            events = dict(poller.poll(tick))
+            if zap is not None and events.get(zap):
+                self._answer_zap(zap)
+            for s in socks:
+                if not events.get(getattr(s, "sock", s)):
+                    continue
                 for _ in range(1000):  # bound the burst so liveness checks still run
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                        frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
-                    self._handle(sock, frames)
+                    self._handle(s, frames)
                 idle_since = time.monotonic()
             now = time.monotonic()
             if now - last_check >= self.cfg.heartbeat:
@@ -166,6 +233,23 @@ class Aggregator:
                 self._drain_deadline = now + min(3.0, self.cfg.shutdown_timeout)
             if self._done(now, idle_since):
                 return
+
+    def _answer_zap(self, zap) -> None:
+        public = self._keys[0]
+        for _ in range(100):
+            try:
+                frames = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = netkey.zap_reply(frames, public)
+            if reply[2] != b"200":
+                self.refused_connections += 1  # logged; not a partition counter
+                n = self.refused_connections
+                if n <= 10 or n & (n - 1) == 0:  # a retrying peer does not flood the log
+                    log.warning("refused tcp connection #%d from %s: not the run's CURVE key",
+                                n, bytes(frames[3][:64]).decode(errors="replace")
+                                if len(frames) > 3 else "?")
+            zap.send_multipart(reply)
 
     def _done(self, now: float, idle_since: float) -> bool:
         open_streams = [s for s in self.streams.values() if not s.closed]
@@ -227,7 +311,8 @@ class Aggregator:
         if old is not None and not old.closed:
             return self._malformed(sock, key, "second hello on an open stream")
         seg, mode = None, "inline"
-        path = str(hello.get("segment", ""))
+        # a rank on the network is on another host: its batches come inline
+        path = "" if isinstance(sock, _Remote) else str(hello.get("segment", ""))
         if path:
             try:
                 seg = self._attach(path, rank, pid)
@@ -474,6 +559,27 @@ class Aggregator:
         except OSError as exc:
             log.error("closing %s failed: %s", self.path, exc)
             self.exit_status = 1
+
+
+class _Remote:
+    """The tcp ROUTER, its peers' identities prefixed so that a remote stream never
+    shares a key with a local one (replies strip the prefix again)."""
+
+    PREFIX = b"tcp\0"
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def recv_multipart(self, flags=0, copy=True):
+        frames = self.sock.recv_multipart(flags, copy=copy)
+        frames[0] = self.PREFIX + bytes(frames[0])
+        return frames
+
+    def send_multipart(self, frames, flags=0):
+        key = bytes(frames[0])
+        if key.startswith(self.PREFIX):
+            key = key[len(self.PREFIX):]
+        return self.sock.send_multipart([key, *frames[1:]], flags)
 
 
 _ORPHAN_RE = re.compile(r"^(\d+)-p(\d+)$")

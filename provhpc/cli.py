@@ -34,6 +34,19 @@ def _cmd_aggregate(args) -> int:
     return run_process(agg)
 
 
+def _cmd_keygen(args) -> int:
+    from . import netkey
+
+    try:
+        netkey.keygen(args.file)
+    except FileExistsError:
+        raise ValueError(f"{args.file} exists; a key file is never overwritten") from None
+    print(f"wrote a new CURVE secret to {args.file} (mode 0600).  Copy it, owner-only, to every "
+          "host of the run and set PROVHPC_KEY_FILE there (with PROVHPC_LISTEN on the "
+          "aggregator, PROVHPC_CONNECT on remote ranks).")
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from .reader import open_path, summary
 
@@ -99,6 +112,17 @@ def _add_aggregate(sub):
     p.set_defaults(func=_cmd_aggregate)
 
 
+def _add_keygen(sub):
+    p = sub.add_parser("keygen", help="write a new CURVE secret for the network transport",
+                       description="Write a new CURVE secret key (Z85) to FILE with mode 0600 "
+                       "(an existing file is never overwritten).  The same file, as "
+                       "PROVHPC_KEY_FILE, authenticates and encrypts the tcp link between an "
+                       "aggregator started with PROVHPC_LISTEN and ranks started with "
+                       "PROVHPC_CONNECT.  Nothing secret is printed.")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_cmd_keygen)
+
+
 def _add_summary(sub):
     p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
                        description="Summarise a run: RUN is a run directory (or an output "
@@ -108,7 +132,7 @@ def _add_summary(sub):
     p.set_defaults(func=_cmd_summary)
 
 
-COMMANDS = [_add_run, _add_aggregate, _add_summary]
+COMMANDS = [_add_run, _add_aggregate, _add_keygen, _add_summary]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,26 @@ def _text(v):
     return str(v)
 
 
+_WILDCARDS = ("*", "0.0.0.0", "::", "[::]", "[::0]", "::0", "")
+
+
+def _tcp_endpoint(var):
+    def parse(v):
+        v = str(v).strip()
+        if not v:
+            return ""
+        if not v.startswith("tcp://") or ":" not in v[6:]:
+            raise ValueError(f"{var} must be tcp://ADDRESS:PORT")
+        host, _, port = v[6:].rpartition(":")
+        if host in _WILDCARDS:
+            raise ValueError(f"{var} must name one interface's address, not the wildcard "
+                             f"{host or '(empty)'!r} (every interface)")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{var} needs a port number 1..65535, not {port!r}")
+        return v
+    return parse
+
+
 # name -> (environment variable, default, parser, help)
 SETTINGS = {
     "enabled": ("PROVHPC_ENABLED", True, _bool, "Capture on (1) or off (0) under `provhpc run`."),
@@ -96,6 +116,15 @@ SETTINGS = {
     "telemetry_interval": ("PROVHPC_TELEMETRY_INTERVAL", 5.0, _nonneg_float,
                            "Seconds between the aggregator's samples of its ranks' CPU, memory, "
                            "I/O and GPU (0 = off)."),
+    "listen": ("PROVHPC_LISTEN", "", _tcp_endpoint("PROVHPC_LISTEN"),
+               "Aggregator: also listen on this `tcp://ADDRESS:PORT` of one interface, for "
+               "ranks on other hosts (needs `PROVHPC_KEY_FILE`); empty = no network port."),
+    "connect": ("PROVHPC_CONNECT", "", _tcp_endpoint("PROVHPC_CONNECT"),
+                "Rank: send to the aggregator at this `tcp://ADDRESS:PORT` (inline, CURVE with "
+                "`PROVHPC_KEY_FILE`) instead of a local one; empty = this node's own."),
+    "key_file": ("PROVHPC_KEY_FILE", "", _text,
+                 "Owner-only (0600) file with the run's CURVE secret (`provhpc keygen FILE`); "
+                 "required by `PROVHPC_LISTEN` and `PROVHPC_CONNECT`."),
 }
 
 
@@ -118,6 +147,9 @@ class Config:
     compression: str = "none"
     heartbeat: float = 0.2
     telemetry_interval: float = 5.0
+    listen: str = ""
+    connect: str = ""
+    key_file: str = ""
     sources: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:

@@ -222,17 +222,21 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     except OSError as exc:
         log.warning("provhpc: cannot create %s (%s)", run_dir, exc)
         usable = False
-    endpoint, ready = rendezvous(cfg, rid, ident.node)
+    if cfg.connect:  # no aggregator on this host: send inline to a remote one over CURVE
+        endpoint, ready = cfg.connect, ""
+    else:
+        endpoint, ready = rendezvous(cfg, rid, ident.node)
     meta = run_meta(ident, cfg, argv)
     proc = None
-    if usable and ident.is_leader and not cfg.external_aggregator and not os.path.exists(ready):
+    if usable and not cfg.connect and ident.is_leader and not cfg.external_aggregator \
+            and not os.path.exists(ready):
         try:
             proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
                                     ident.local_size, meta)
         except OSError as exc:  # a read-only or full output file system: run without one
             log.warning("provhpc: cannot start the aggregator of node %s: %s", ident.node, exc)
             usable = False
-    if not usable:
+    if not usable and not cfg.connect:
         log.warning("provhpc: rank %d: no aggregator for node %s; records stay in segment "
                     "%s (up to its capacity, the rest counted as dropped) for `provhpc "
                     "recover`", ident.rank, ident.node,
