@@ -68,6 +68,12 @@ def run(cmd: list[str], out=None) -> int:
     if parsed is None:
         return _run_subprocess(cmd, s)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if s is not None:
+        # A rank blocked in C (an MPI collective) never runs the handler above: the signal
+        # also wakes the agent's I/O thread, which drains and exits if the program has not
+        # unwound within agent.SIGTERM_GRACE, while the handler is still ours.
+        signal.set_wakeup_fd(s.agent._wake_w, warn_on_full_buffer=False)
+        s.agent.sigterm_exit = lambda: signal.getsignal(signal.SIGTERM) is _on_sigterm
     status, code, error = "ok", 0, None
     try:
         _run_python(*parsed)
@@ -85,6 +91,7 @@ def run(cmd: list[str], out=None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     if s is not None:
+        signal.set_wakeup_fd(-1)  # before shutdown closes the pipe
         _session.shutdown(status, code, error)
         if code and s.comm is not None and s.comm.Get_size() > 1 and status != "terminated":
             print(f"provhpc: rank {s.ident.rank} failed (exit {code}); aborting the job",

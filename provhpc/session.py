@@ -18,7 +18,6 @@ import secrets
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from . import api
@@ -242,9 +241,12 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
                     "recover`", ident.rank, ident.node,
                     segment_name(rid, ident.node, ident.rank, os.getpid()))
         _mark_failed(ready, "no usable output directory")
-    elif proc is not None:  # user code starts now; this watches the aggregator's start-up
-        threading.Thread(target=wait_ready, args=(ready, cfg.startup_timeout, proc),
-                         name="provhpc-aggregator-start", daemon=True).start()
+    elif not wait_ready(ready, cfg.startup_timeout, proc):
+        # The aggregator exists before user code runs (a rank that dies at once is then
+        # still salvaged); without one, records wait in the segment for `provhpc recover`.
+        log.warning("provhpc: rank %d: no aggregator for node %s within %.0fs; records stay "
+                    "in the segment for `provhpc recover`", ident.rank, ident.node,
+                    cfg.startup_timeout)
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
     agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
     api._agent = agent

@@ -196,3 +196,36 @@ def test_capture_off_creates_no_segment_socket_or_file(venv_bin, clean_env, tmp_
     assert not (tmp_path / "rt").exists()
     assert not (tmp_path / "provenance").exists()
     assert not [p for pid in pids for p in glob.glob(f"/dev/shm/provhpc-*-p{pid}")]
+
+
+def test_sigterm_to_a_rank_blocked_in_mpi_drains_it(venv_bin, clean_env, tmp_path):
+    """A time limit usually lands in a collective: the agent drains the rank itself."""
+    ready = tmp_path / "ready"
+    env = {**clean_env, "PROVHPC_RUNTIME_DIR": str(tmp_path / "rt")}
+    cmd = [os.path.join(venv_bin, "mpiexec"), "-n", "2", os.path.join(venv_bin, "provhpc"),
+           "run", "--out", str(tmp_path / "out"), "--", os.path.join(venv_bin, "python"),
+           os.path.join(HERE, "programs", "stuck.py"), str(ready), "700"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(os.path.exists(f"{ready}.{r}") for r in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        time.sleep(0.3)  # rank 0 is inside MPI_Barrier now
+        rank0 = int((tmp_path / "ready.0").read_text())
+        t0 = time.monotonic()
+        os.kill(rank0, signal.SIGTERM)
+        while os.path.exists(f"/proc/{rank0}") and time.monotonic() - t0 < 20:
+            time.sleep(0.05)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert took < 10, f"rank 0 still alive {took:.1f}s after SIGTERM"
+    path = run_dir(tmp_path)
+    wait_complete(path)
+    with Run(path) as run:
+        status = {r["rank"]: r["status"] for r in run.ranks()}
+        assert status[0] == "terminated"  # said goodbye itself, not salvaged as killed
+        np.testing.assert_array_equal(metric_values(run, 0), np.arange(700))
