@@ -200,8 +200,10 @@ def main(argv=None) -> int:
         with provhpc.task("save_checkpoint", used=[hp]) as t:
             os.makedirs(os.path.dirname(args.checkpoint) or ".", exist_ok=True)
             np.savez(args.checkpoint, *model.params())
+            # the model is trained on every rank's shard (allreduced gradients)
+            shards = [provhpc.data(f"shard/train/rank{r}", kind="shard") for r in range(size)]
             ckpt = provhpc.data(args.checkpoint, kind="checkpoint", hash=True,
-                                derived_from=[shard_e, hp], test_accuracy=acc)
+                                derived_from=[*shards, hp], test_accuracy=acc)
             t.generated(ckpt)
         print(f"facies MLP: {size} ranks, {args.epochs} epochs, test accuracy {acc:.3f}, "
               f"checkpoint {args.checkpoint}")

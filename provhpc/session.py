@@ -42,6 +42,7 @@ class Session:
         self.agent, self.aggregator, self.comm = agent, aggregator, comm
         self.run_activity = None
         self.closed = False
+        self.nodes = [ident.node]  # every node expected to leave a partition
 
 
 _session: Session | None = None
@@ -214,6 +215,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     if comm is None:
         comm = _mpi_comm(ident)
     rid = agree_run_id(cfg, ident, comm)
+    nodes = sorted(set(comm.allgather(ident.node))) if comm is not None else [ident.node]
     run_dir = os.path.join(os.path.abspath(cfg.out), rid)
     try:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
@@ -251,6 +253,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
     api._agent = agent
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
+    _session.nodes = nodes
     if ident.rank == 0:
         _write_manifest(_session, meta, start=True)
     act = api.Activity("run", os.path.basename((argv or sys.argv or ["python"])[0]) or "run")
@@ -326,6 +329,7 @@ def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=N
                 doc = json.load(fh)
         if start:
             doc = {"run_id": s.run_id, "schema_version": R.SCHEMA_VERSION, "meta": meta,
+                   "nodes": s.nodes,
                    "config": s.cfg.to_dict(), "config_sources": s.cfg.sources,
                    "identity": s.ident.to_dict(), "start": time.time_ns()}
         doc.update({"status": status, "exit_code": exit_code})
