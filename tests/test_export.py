@@ -78,3 +78,14 @@ def test_parquet(run, tmp_path):
     attrs = tables["attributes"].to_pydict()
     lr = [v for k, v in zip(attrs["key"], attrs["value_num"]) if k == "lr"]
     assert lr == [0.05, 0.05]
+
+
+# prov 2.x's RDF serializer still calls rdflib's deprecated Dataset.default_context
+@pytest.mark.filterwarnings("ignore:Dataset.default_context is deprecated:DeprecationWarning")
+def test_prov_o_is_rdf_with_an_activity_per_task(run):
+    rdflib = pytest.importorskip("rdflib", reason="the [prov] extra brings rdflib")
+    g = rdflib.Graph().parse(data=export(run, "prov-o")["text"], format="turtle")
+    prov_ns = rdflib.Namespace("http://www.w3.org/ns/prov#")
+    activities = set(g.subjects(rdflib.RDF.type, prov_ns.Activity))
+    assert len(activities) == len(run.tasks())
+    assert set(g.subjects(prov_ns.wasDerivedFrom, None))
