@@ -62,6 +62,7 @@ class Aggregator:
         self.meta = meta or {}
         self.path = os.path.join(out, run_id, f"{node}.h5")
         self.streams: dict[bytes, Stream] = {}
+        self._acks: list = []  # batches ingested, to acknowledge after the next flush
         self.closed_ranks = 0
         self._stop = threading.Event()
         self._drain_deadline = None
@@ -221,6 +222,7 @@ class Aggregator:
                     except zmq.Again:
                         break
                     self._handle(s, frames)
+                self._commit()
                 idle_since = time.monotonic()
             now = time.monotonic()
             if now - last_check >= self.cfg.heartbeat:
@@ -380,15 +382,31 @@ class Aggregator:
             log.warning("rank %d: batches %d..%d missing", s.rank, s.expected_seq, seq - 1)
         s.expected_seq = seq + 1
         self._ingest(s, recs, heap, 0, seq)
+        self._acks.append((sock, key, s, slot, seq))  # sent by _commit, after the flush
+
+    def _commit(self) -> None:
+        """Flush once for a burst of batches, then free their slots and acknowledge them.
+
+        A slot is acknowledged only after its records were flushed (an aggregator
+        killed before that leaves them in the rank's segment for salvage).
+        """
+        if not self._acks:
+            return
         self._flush()
-        if s.mode == "shm":
-            s.seg.zero(slot)
-        sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
+        acks, self._acks = self._acks, []
+        for sock, key, s, slot, seq in acks:
+            if s.mode == "shm" and not s.closed:
+                s.seg.zero(slot)
+            try:
+                sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the rank is gone; its stream is closed by the liveness check
 
     def _on_goodbye(self, sock, key: bytes, msg: dict) -> None:
         s = self.streams.get(key)
         if s is None or s.closed:
             return self._malformed(sock, key, "goodbye from an unknown or closed stream")
+        self._commit()
         drops = {str(k): int(v) for k, v in dict(msg.get("dropped", {})).items()}
         if self.telemetry is not None:  # the last sample, while the process still lives
             self._sample_telemetry([s])
@@ -549,6 +567,7 @@ class Aggregator:
     def _finish(self) -> None:
         if self.writer is None:
             return
+        self._commit()
         self._sweep_orphans()
         for s in self.streams.values():
             if not s.closed:
