@@ -130,3 +130,14 @@ def test_scancel_sigterm_leaves_complete_partitions(slurm_env, jobdir):
     assert sorted(ranks) == [0, 1, 2, 3]
     assert all(r["records"] > 0 for r in ranks.values())
     assert all(r["status"] in ("terminated", "error", "killed", "ok") for r in ranks.values())
+
+
+@pytest.mark.timeout(300)
+def test_srun_ddp_example(slurm_env, jobdir):
+    """examples/train_ddp.py under srun: the same partitions as under mpiexec and torchrun."""
+    from test_ddp_launch import ARGS, EXAMPLE, _check_run, _launch
+
+    cmd = ["srun", "--mpi=pmi2", "-n", "2", os.path.join(BIN, "provhpc"), "run", "--out",
+           str(jobdir / "prov"), "--", os.path.join(BIN, "python"), EXAMPLE, *ARGS]
+    _launch(cmd, str(jobdir), slurm_env, timeout=240)
+    _check_run(jobdir / "prov", "srun")
