@@ -256,6 +256,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     _session.nodes = nodes
     if ident.rank == 0:
         _write_manifest(_session, meta, start=True)
+    api._current.set(0)  # the run is the root, whatever an earlier session left open
     act = api.Activity("run", os.path.basename((argv or sys.argv or ["python"])[0]) or "run")
     _session.run_activity = act.start()
     act.attributes(rank=ident.rank, node=ident.node, host=ident.host, launcher=ident.launcher,

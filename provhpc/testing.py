@@ -87,10 +87,12 @@ def capture(tmp_path, rank: int = 0, node: str = "testnode", run_id: str | None 
         raise RuntimeError("provhpc.testing: the agent was not welcomed")
     previous = api._agent
     api._agent = agent
+    outer = api._current.set(0)  # no activity of an earlier capture is this one's parent
     cap.agent, cap.aggregator = agent, agg
     try:
         yield cap
     finally:
+        api._current.reset(outer)
         api._agent = previous
         agent.end_open_activities()
         agent.shutdown()
