@@ -93,6 +93,12 @@ def run(cmd: list[str], out=None) -> int:
     if s is not None:
         signal.set_wakeup_fd(-1)  # before shutdown closes the pipe
         _session.shutdown(status, code, error)
+        if status == "terminated":
+            # Everything is on disk.  Leave now: interpreter teardown would run
+            # MPI_Finalize, which can wait forever for peers that were stopped too.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         if code and s.comm is not None and s.comm.Get_size() > 1 and status != "terminated":
             print(f"provhpc: rank {s.ident.rank} failed (exit {code}); aborting the job",
                   file=sys.stderr, flush=True)

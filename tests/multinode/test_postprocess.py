@@ -82,10 +82,15 @@ def test_lineage_on_every_node(srun_run, cluster3):
         lin = json.loads(serial(cluster3, work, "lineage", run_dir, f"shard/train/rank{rank}",
                                 "--json"))
         nodes = lin["nodes"]
-        assert {n["host"] for n in nodes} == {HOSTS[rank // PER_NODE]}, nodes
-        assert {n["rank"] for n in nodes} == {rank}
+        # the shard's own provenance is on its rank's node; rank 0 (the checkpoint is
+        # derived from every shard) declares each shard too, and entities merge by key
+        own = [n for n in nodes if n["kind"] != "shard"]
+        assert {n["host"] for n in own} == {HOSTS[rank // PER_NODE]}, nodes
+        assert {n["rank"] for n in own} == {rank}
+        assert {n["rank"] for n in nodes} - {rank} <= {0}, nodes
         names = {(n["kind"], os.path.basename(n["name"])) for n in nodes}
         assert ("raw", f"survey_{rank:02d}.npz") in names, names
         assert ("dataset", f"rank{rank}") in names and ("stage", "curation") in names, names
     text = serial(cluster3, work, "lineage", run_dir, str(work / "ckpt" / "mlp.npz"))
-    assert "survey_00.npz" in text and "ranks [0], nodes ['node1']" in text, text
+    assert "survey_00.npz" in text and "survey_05.npz" in text, text
+    assert "ranks [0, 1, 2, 3, 4, 5], nodes ['node1', 'node2', 'node3']" in text, text
