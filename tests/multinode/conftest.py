@@ -135,14 +135,17 @@ def partitions(run_dir) -> dict:
 
 # SLURM 22.05's pmi2 server now and then misreads a request of MPICH's address exchange
 # ("mpi/pmi2: invalid client request", then MPI_Init fails on every rank): about 1 launch in
-# 50 here, before any provhpc code has run.  Such a launch is retried once, visibly.
+# 50 here, before any provhpc code has run.  Such a launch is retried, visibly.
 MPI_INIT_FAILED = ("mpi/pmi2: invalid client request", "Fatal error in internal_Init_thread")
 
 
-def once_more_if_mpi_init_failed(launch, *dirs):
-    """``launch()`` -> (ok, text, value); a failed MPI_Init is retried once after clearing dirs."""
+def once_more_if_mpi_init_failed(launch, *dirs, attempts: int = 3):
+    """``launch()`` -> (ok, text, value); a failed MPI_Init is retried (clearing dirs) up to
+    ``attempts`` launches in all: under load two failures in a row were seen once."""
     ok, text, value = launch()
-    if not ok and any(sig in text for sig in MPI_INIT_FAILED):
+    for _ in range(attempts - 1):
+        if ok or not any(sig in text for sig in MPI_INIT_FAILED):
+            break
         print(f"MPI_Init failed in SLURM's pmi2 (not provhpc); launching once more:\n"
               f"{text[-1500:]}")
         for d in dirs:
