@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from . import records as R
+from .aggregator import _alive
 from .partition import PartitionWriter, open_partition
 from .segment import FREE, Segment, shm_dir
 
@@ -344,20 +345,6 @@ def _unused(path: str) -> str:
     while os.path.exists(f"{path}.{n}"):
         n += 1
     return f"{path}.{n}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 def format_report(rep: dict) -> str:
