@@ -47,18 +47,6 @@ def _cmd_keygen(args) -> int:
     return 0
 
 
-def _cmd_summary(args) -> int:
-    from .reader import open_path, summary
-
-    with open_path(args.run) as run:
-        s = summary(run)
-    if args.json:
-        print(json.dumps(s, indent=1))
-    else:
-        print(format_summary(s))
-    return 1 if s["partition_errors"] else 0
-
-
 def format_summary(s: dict) -> str:
     lines = [f"run {s['run_id']}  ({s['path']})",
              f"nodes {len(s['nodes'])}: {', '.join(s['nodes'])}   ranks {s['world_size']}   "
@@ -123,16 +111,7 @@ def _add_keygen(sub):
     p.set_defaults(func=_cmd_keygen)
 
 
-def _add_summary(sub):
-    p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
-                       description="Summarise a run: RUN is a run directory (or an output "
-                       "directory, meaning its latest run).")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_summary)
-
-
-COMMANDS = [_add_run, _add_aggregate, _add_keygen, _add_summary]
+COMMANDS = [_add_run, _add_aggregate, _add_keygen]  # + provhpc.cli_post.COMMANDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +145,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
+    except BrokenPipeError:  # `provhpc summary RUN | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"provhpc {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Post-processing subcommands: ls, query, lineage, export, report, recover, merge.
 
 Each mirrors an API function, takes ``--json``, and is listed in COMMANDS
-(``provhpc.cli`` adds them).  ``query`` (and ``summary`` when registered
+(``provhpc.cli`` adds them).  ``query`` (and ``summary``
 here) divide the partitions among ranks under ``mpiexec -n N``.
 """
 
@@ -158,9 +158,6 @@ def _cmd_summary(args) -> int:
 
 
 def _add_summary(sub):
-    if "summary" in sub.choices:  # provhpc.cli registers its own; this MPI-aware one takes over
-        sub.choices["summary"].set_defaults(func=_cmd_summary)
-        return
     p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
                        description="Summarise a run: RUN is a run directory (or an output "
                        "directory, meaning its latest run).  Under mpiexec -n N the partitions "
