@@ -102,11 +102,6 @@ def _write_values(agent, owner: int, values: dict, role: int) -> None:
     agent.write(_value_rows(agent, owner, role, t, values))
 
 
-def _emit_value(agent, owner: int, key: str, value, role: int) -> None:
-    _write_values(agent, owner, {key: value}, role)
-
-
-_emit_values = _write_values
 
 
 def _relate(agent, subject: int, relation: str, obj: int) -> None:
@@ -134,13 +129,13 @@ class Entity:
     def attribute(self, name: str, value) -> Entity:
         agent = _agent
         if agent is not None and self.id:
-            _emit_value(agent, self.id, name, value, ROLE_ATTRIBUTE)
+            _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
         return self
 
     def attributes(self, **values) -> Entity:
         agent = _agent
         if agent is not None and self.id:
-            _emit_values(agent, self.id, values, ROLE_ATTRIBUTE)
+            _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
         return self
 
     def derived_from(self, *sources) -> Entity:
@@ -203,7 +198,7 @@ def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
         except OSError:
             pass
     if extra or attributes:
-        _emit_values(agent, eid, {**extra, **attributes}, ROLE_ATTRIBUTE)
+        _write_values(agent, eid, {**extra, **attributes}, ROLE_ATTRIBUTE)
     if derived_from:
         sources = derived_from if isinstance(derived_from, (list, tuple)) else (derived_from,)
         ent.derived_from(*sources)
@@ -217,7 +212,7 @@ def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> En
     if agent is None:
         return Entity(name, "hyperparameters", 0)
     ent = data(name, kind="hyperparameters")
-    _emit_values(agent, ent.id, values, ROLE_ATTRIBUTE)
+    _write_values(agent, ent.id, values, ROLE_ATTRIBUTE)
     _relate(agent, _current.get(), R.USED, ent.id)
     return ent
 
@@ -286,7 +281,7 @@ def attribute(name: str, value) -> None:
     """A typed attribute of the current activity."""
     agent = _get_agent()
     if agent is not None:
-        _emit_value(agent, _current.get(), name, value, ROLE_ATTRIBUTE)
+        _write_values(agent, _current.get(), {name: value}, ROLE_ATTRIBUTE)
 
 
 def used(*entities) -> None:
@@ -306,7 +301,7 @@ def generated(*entities, **values) -> None:
         for e in entities:
             _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, cur)
         if values:
-            _emit_values(agent, cur, values, ROLE_GENERATED)
+            _write_values(agent, cur, values, ROLE_GENERATED)
 
 
 def current_activity() -> int:
@@ -399,11 +394,7 @@ class Activity:
             for e in entities:
                 _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
             if values:
-                t = _time_ns()
-                flat: list = []
-                if not _flat_values(agent, self.id, ROLE_GENERATED, t, values, flat) or \
-                        not agent.write_flat(flat, len(flat) // 9):
-                    agent.write(_value_rows(agent, self.id, ROLE_GENERATED, t, values))
+                _write_values(agent, self.id, values, ROLE_GENERATED)
         return self
 
     def used(self, *entities) -> Activity:
@@ -422,13 +413,13 @@ class Activity:
     def attribute(self, name: str, value) -> Activity:
         agent = _agent
         if agent is not None and self.id:
-            _emit_value(agent, self.id, name, value, ROLE_ATTRIBUTE)
+            _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
         return self
 
     def attributes(self, **values) -> Activity:
         agent = _agent
         if agent is not None and self.id:
-            _emit_values(agent, self.id, values, ROLE_ATTRIBUTE)
+            _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
         return self
 
     def metric(self, name: str, value, step=None) -> Activity:
