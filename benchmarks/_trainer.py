@@ -156,7 +156,7 @@ def install_sink(sink) -> None:
     provhpc.attribute = lambda name, value: None
 
 
-# ---------------------------------------------------------------------- instrumentation of the harness
+# ---------------------------------------------------------------------- harness instrumentation
 def install_fanout(k: int) -> None:
     """Every metric call records ``k`` points: the stress rate."""
     real = provhpc.metric

@@ -295,11 +295,12 @@ def main(argv=None) -> int:
     jsonl = os.path.join(args.dir, "records.jsonl")
     t, (n, batches, steps) = timed(lambda: build(run_dir, args.records, args.nodes,
                                           args.ranks_per_node))
+    size = sum(os.path.getsize(os.path.join(run_dir, f)) for f in os.listdir(run_dir))
     print(f"built {n:,} records in {args.nodes} partitions ({args.nodes * args.ranks_per_node} "
-          f"ranks) in {t:.1f} s; {sum(os.path.getsize(os.path.join(run_dir, f)) for f in os.listdir(run_dir)) / 2**20:.0f} MiB")
+          f"ranks) in {t:.1f} s; {size / 2**20:.0f} MiB")
     if args.build_only:
         return 0
-    t, _ = timed(lambda: write_jsonl(jsonl, batches))
+    t, _ = timed(lambda b=batches: write_jsonl(jsonl, b))
     del batches
     print(f"wrote the JSONL dump in {t:.1f} s; {os.path.getsize(jsonl) / 2**20:.0f} MiB")
 
@@ -335,10 +336,10 @@ def main(argv=None) -> int:
     warm_run = provhpc.open(run_dir)
     for name, (ours, theirs) in queries.items():
         cold_run = provhpc.open(run_dir)
-        t_cold, res_cold = timed(lambda: ours(cold_run))
+        t_cold, res_cold = timed(lambda q=ours, r=cold_run: q(r))
         cold_run.close()
         ours(warm_run)  # decode the tables this query needs
-        t_warm, res_warm = timed(lambda: ours(warm_run))
+        t_warm, res_warm = timed(lambda q=ours: q(warm_run))
         t_jsonl, res_jsonl = timed(theirs)
         rows.append((name, t_cold, t_warm, t_jsonl, res_warm, res_jsonl))
         print(f"  {name:<32} cold {t_cold:7.2f} s  warm {t_warm:7.3f} s  JSONL {t_jsonl:7.1f} s"

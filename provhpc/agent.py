@@ -34,9 +34,9 @@ from .records import (
     METRIC,
     NO_STEP,
     RECORD_HDR,
-    STATUS_ERROR,
     RECORD_SIZE,
     RELATION,
+    STATUS_ERROR,
     STRING,
     V_FLOAT,
     V_INT,
@@ -134,8 +134,9 @@ class Agent:
     # ------------------------------------------------------------------ hot path
     # _sid/_put run between _enter() and _leave() (the lock, fast path closed);
     # the owner thread's fast paths are write_flat, write and api.metric.  A
-    # record is complete in shared memory when the call that wrote it returns.  There is no per-record count: a slot is zeroed
-    # before reuse, so a reader of a dead rank's filling slot stops at kind 0.
+    # record is complete in shared memory when the call that wrote it returns.
+    # There is no per-record count: a slot is zeroed before reuse, so a reader of
+    # a dead rank's filling slot stops at the first record of kind 0.
     def _put(self, hdr, oid, ref, t, nid, sid, step, ival, fval) -> None:
         off = self._off
         if off >= self._end:

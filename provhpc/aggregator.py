@@ -24,8 +24,7 @@ import time
 import numpy as np
 import zmq
 
-from . import __version__
-from . import netkey
+from . import __version__, netkey
 from . import protocol as P
 from . import telemetry as _telemetry
 from .partition import PartitionWriter
@@ -644,6 +643,6 @@ def run_process(agg: Aggregator) -> int:
         agg.stop()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format=f"%(asctime)s provhpc-aggregator[{agg.node}] %(levelname)s %(message)s")
+    fmt = f"%(asctime)s provhpc-aggregator[{agg.node}] %(levelname)s %(message)s"
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=fmt)
     return agg.serve()

@@ -114,7 +114,8 @@ def _entity_id(e) -> int:
         return e.id
     if isinstance(e, (str, os.PathLike)):
         return data(e).id
-    raise ValueError(f"provhpc: expected an entity from provhpc.data()/hyperparameters(), got {e!r}")
+    raise ValueError("provhpc: expected an entity from provhpc.data()/hyperparameters(), "
+                     f"got {e!r}")
 
 
 # ---------------------------------------------------------------------- entities

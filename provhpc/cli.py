@@ -67,7 +67,7 @@ def format_summary(s: dict) -> str:
         if not p["complete"]:
             lines.append(f"warning: partition {p['path']} is not marked complete "
                          "(run `provhpc recover`)")
-    for path, err in s["partition_errors"].items():
+    for err in s["partition_errors"].values():
         lines.append(f"error: {err}")
     return "\n".join(lines)
 
@@ -77,7 +77,8 @@ def _add_run(sub):
                        description="Run CMD with provenance capture.  Under mpiexec or srun every "
                        "rank runs `provhpc run`; the first rank of each node starts the node's "
                        "aggregator.  Output goes to DIR/<run_id>/<node>.h5.")
-    p.add_argument("--out", metavar="DIR", help="output directory (PROVHPC_OUT, default ./provenance)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (PROVHPC_OUT, default ./provenance)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- python script.py [args...]")
     p.set_defaults(func=_cmd_run)
 

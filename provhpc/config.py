@@ -91,7 +91,8 @@ SETTINGS = {
                "Run identity; empty = chosen by rank 0 and broadcast (MPI) or from the job."),
     "flush_interval": ("PROVHPC_FLUSH_INTERVAL", 1.0, _positive_float,
                        "Seconds after which a partly filled slot is handed to the aggregator."),
-    "slot_records": ("PROVHPC_SLOT_RECORDS", 4096, _positive_int, "Records per shared-memory slot."),
+    "slot_records": ("PROVHPC_SLOT_RECORDS", 4096, _positive_int,
+                     "Records per shared-memory slot."),
     "slots": ("PROVHPC_SLOTS", 8, _positive_int, "Slots per rank segment (memory = slots x slot)."),
     "slot_heap": ("PROVHPC_SLOT_HEAP", 65536, _positive_int,
                   "Bytes of string heap per slot (new strings of the slot)."),
@@ -108,7 +109,8 @@ SETTINGS = {
     "shutdown_timeout": ("PROVHPC_SHUTDOWN_TIMEOUT", 10.0, _positive_float,
                          "Seconds a rank waits at exit for its records to be on disk."),
     "external_aggregator": ("PROVHPC_EXTERNAL_AGGREGATOR", False, _bool,
-                            "Ranks never spawn aggregators; `provhpc aggregate` steps provide them."),
+                            "Ranks never spawn aggregators; `provhpc aggregate` steps "
+                            "provide them."),
     "compression": ("PROVHPC_COMPRESSION", "none", _compression,
                     "Partition compression: none (default, SWMR-safe), lzf or gzip."),
     "heartbeat": ("PROVHPC_HEARTBEAT", 0.2, _positive_float,
@@ -153,7 +155,8 @@ class Config:
     sources: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sources"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "sources"}
 
 
 def load(environ=None, **overrides) -> Config:

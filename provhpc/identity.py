@@ -70,7 +70,8 @@ def detect(env=None) -> Identity:
     gpu = _gpu(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return Identity(
-            rank=_int(env, "OMPI_COMM_WORLD_RANK"), size=_int(env, "OMPI_COMM_WORLD_SIZE", default=1),
+            rank=_int(env, "OMPI_COMM_WORLD_RANK"),
+            size=_int(env, "OMPI_COMM_WORLD_SIZE", default=1),
             local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
             local_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", default=1),
             node=host, node_index=_int(env, "SLURM_NODEID", default=0), host=host,

@@ -29,7 +29,8 @@ def split_python(cmd: list[str]):
     exe = os.path.basename(args[0])
     if args[0].endswith(".py"):
         return "path", args[0], args
-    if not (exe.startswith("python") or os.path.realpath(args[0]) == os.path.realpath(sys.executable)):
+    if not (exe.startswith("python")
+            or os.path.realpath(args[0]) == os.path.realpath(sys.executable)):
         return None
     args = args[1:]
     while args and args[0] in PYTHON_FLAGS_WITHOUT_VALUE:

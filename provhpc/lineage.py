@@ -276,7 +276,10 @@ class Lineage:
         return sorted(set(self.activities()["host"].tolist()))
 
     def path(self, target) -> list[tuple]:
-        """A shortest chain from the start to ``target`` (node index or spec) as (node, relation, node)."""
+        """A shortest chain from the start to ``target`` (node index or spec).
+
+        Returned as (node, relation, node) steps.
+        """
         if not isinstance(target, (int, np.integer)):
             hits = [int(t) for t in self.graph.resolve(target) if self.level[t] >= 0]
             if not hits:

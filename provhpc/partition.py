@@ -61,7 +61,8 @@ class PartitionWriter:
         f.attrs["format"] = "provhpc-partition"
         f.attrs["complete"] = False
         for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+            f.attrs[key] = (value if isinstance(value, (str, int, float, bool))
+                            else json.dumps(value))
         comp = _compression(compression)
         self.records = f.create_dataset("records", (0,), maxshape=(None,), dtype=RECORD_DTYPE,
                                         chunks=(RECORD_CHUNK,), **comp)

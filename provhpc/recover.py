@@ -59,7 +59,8 @@ def recover(run_dir: str, force: bool = False) -> dict:
     for seg in segs:
         by_node.setdefault(seg["node"], []).append(seg)
     done = set()
-    # the newest partition of a node (a restarted aggregator writes <node>.<n>.h5) takes its segments
+    # the newest partition of a node (a restarted aggregator writes <node>.<n>.h5) takes
+    # its segments
     newest = {}
     for node, path in parts:
         newest[node] = path

@@ -180,7 +180,7 @@ def report(run, out_dir: str) -> dict:
               "<h2>Stragglers</h2>",
               _table_html(slow, ["rank", "type", "name", "duration_s", "median_s", "slower_by"])
               if slow else "<p>none</p>"]
-    for path, err in s["partition_errors"].items():
+    for err in s["partition_errors"].values():
         parts.append(f"<p style='color:red'>error: {html.escape(err)}</p>")
     parts.append("</body></html>")
     html_path = os.path.join(out_dir, "index.html")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole suite, in parts: unit (no MPI launcher), mpi (pytest-mpi under the venv's
+# The whole suite, in parts: lint (ruff), unit (no MPI launcher), mpi (pytest-mpi under the venv's
 # mpiexec -n 2 and -n 4), slurm (a local SLURM started here), multinode (an emulated
 # multi-node SLURM started here).  `bash tests/run.sh [part ...]`; no argument = all.
 set -uo pipefail
@@ -8,7 +8,7 @@ BIN=.venv/bin
 export PYTHONDONTWRITEBYTECODE=1
 PYTEST=(-p no:cacheprovider -q --timeout=300 --timeout-method=thread)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(unit mpi slurm multinode)
+[ ${#parts[@]} -eq 0 ] && parts=(lint unit mpi slurm multinode)
 failed=()
 
 run_part() {
@@ -19,6 +19,7 @@ run_part() {
 
 for part in "${parts[@]}"; do
   case $part in
+    lint) run_part lint $BIN/ruff check provhpc tests benchmarks examples ;;
     unit) run_part unit $BIN/python -m pytest "${PYTEST[@]}" tests --ignore=tests/mpi \
             -m "not slurm and not multinode" ;;
     mpi)

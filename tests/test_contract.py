@@ -16,7 +16,6 @@ import pytest
 
 import provhpc
 from provhpc import partition as PW
-from provhpc.partition import open_partition
 from provhpc.reader import Run, summary
 from provhpc.testing import capture
 

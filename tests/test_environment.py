@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 
+from provhpc import config as C
 from provhpc import environment as E
 from provhpc import identity, session
-from provhpc import config as C
 
 
 def _git(cwd, *args):

@@ -14,7 +14,6 @@ import time
 
 import h5py
 import numpy as np
-import pytest
 
 from provhpc import records as R
 from provhpc.reader import Run

@@ -5,7 +5,6 @@ job; a failed test therefore aborts the whole job, which the launcher reports
 as a non-zero exit.
 """
 
-import os
 import sys
 import tempfile
 

@@ -60,7 +60,7 @@ def mn_env():
 
 @pytest.fixture
 def cluster3(mn_env):
-    """The 3-node cluster, healthy (``start 3`` is a no-op when it is; restarts after a lost node)."""
+    """The 3-node cluster, healthy (``start 3``: a no-op when up, a restart after a lost node)."""
     p = cluster("start", NODES)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip().splitlines()[-1] == f"export SLURM_CONF={mn_env['SLURM_CONF']}"

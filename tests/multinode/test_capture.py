@@ -14,9 +14,22 @@ import tempfile
 
 import pytest
 
-from .conftest import (BIN, NODES, PER_NODE, ROOT, cluster, identity_wrapper,
-                       once_more_if_mpi_init_failed, only_run, partitions, read_identities, run,
-                       sbatch_wait, summary, train_cmd)
+from .conftest import (
+    BIN,
+    NODES,
+    PER_NODE,
+    ROOT,
+    cluster,
+    identity_wrapper,
+    once_more_if_mpi_init_failed,
+    only_run,
+    partitions,
+    read_identities,
+    run,
+    sbatch_wait,
+    summary,
+    train_cmd,
+)
 
 pytestmark = [
     pytest.mark.multinode,

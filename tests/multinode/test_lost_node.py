@@ -23,8 +23,18 @@ import pytest
 from provhpc import records as R
 from provhpc.recover import recover
 
-from .conftest import (MPI_INIT_FAILED, NODES, PER_NODE, cluster, only_run, partitions,
-                       run_dirs, summary, train_cmd, wait_for)
+from .conftest import (
+    MPI_INIT_FAILED,
+    NODES,
+    PER_NODE,
+    cluster,
+    only_run,
+    partitions,
+    run_dirs,
+    summary,
+    train_cmd,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.multinode,

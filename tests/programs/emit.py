@@ -31,9 +31,10 @@ def main():
     hp = provhpc.hyperparameters(lr=0.01, batch=32, rank_seed=rank)
     raw = provhpc.data(f"input/rank{rank}.bin", kind="raw", shard=rank)
     with provhpc.stage("train", used=[raw, hp]) as st:
+        t = None
         for i in range(args.n):
             if i % 100 == 0:
-                if i:
+                if t is not None:
                     t.end()
                 t = provhpc.task("block", start=i)
                 t.start()
