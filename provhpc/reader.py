@@ -155,7 +155,27 @@ class Partition:
 TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
 
 
-class Run:
+class _Tables:
+    """The table accessors shared by a run and a collection of runs (both define ``table``)."""
+
+    def tasks(self):
+        """Activities (run, stages, epochs, tasks): one row each, start and end joined."""
+        return self.table("tasks")
+
+    def entities(self):
+        return self.table("entities")
+
+    def metrics(self):
+        return self.table("metrics")
+
+    def attributes(self):
+        return self.table("attributes")
+
+    def relations(self):
+        return self.table("relations")
+
+
+class Run(_Tables):
     """A run directory: its partitions (``<node>.h5``) and manifest.
 
     Tables (``tasks()``, ``entities()``, ``metrics()``, ``attributes()``,
@@ -244,21 +264,6 @@ class Run:
             self._cache[name] = _tables.concat(name, parts)
         return self._cache[name]
 
-    def tasks(self):
-        """Activities (run, stages, epochs, tasks): one row each, start and end joined."""
-        return self.table("tasks")
-
-    def entities(self):
-        return self.table("entities")
-
-    def metrics(self):
-        return self.table("metrics")
-
-    def attributes(self):
-        return self.table("attributes")
-
-    def relations(self):
-        return self.table("relations")
 
     def time_range(self) -> tuple[int, int]:
         """First and last record time (ns) over the readable partitions."""
@@ -347,7 +352,7 @@ def _is_run_dir(path: str) -> bool:
     return "manifest.json" in names or any(f.endswith(".h5") for f in names)
 
 
-class Collection:
+class Collection(_Tables):
     """A directory of runs, for cross-run questions (``best``, multi-workflow lineage).
 
     Where a single run is expected (``summary``, ``with ... as run``) a
@@ -407,20 +412,6 @@ class Collection:
             self._cache[name] = _tables.concat(name, [r.table(name) for r in self.runs])
         return self._cache[name]
 
-    def tasks(self):
-        return self.table("tasks")
-
-    def entities(self):
-        return self.table("entities")
-
-    def metrics(self):
-        return self.table("metrics")
-
-    def attributes(self):
-        return self.table("attributes")
-
-    def relations(self):
-        return self.table("relations")
 
     @property
     def errors(self) -> dict:
