@@ -53,7 +53,12 @@ def _busy(seconds):
 
 def test_aggregator_samples_its_ranks(tmp_path):
     with capture(tmp_path, telemetry_interval=0.05, heartbeat=0.05) as cap:
-        _busy(0.6)
+        # busy until the aggregator took a few periodic samples (not a fixed time: a
+        # loaded machine may give its thread fewer turns), 20 s at most
+        deadline = time.monotonic() + 20
+        while cap.aggregator.telemetry.samples < 3 and time.monotonic() < deadline:
+            _busy(0.1)
+        _busy(0.4)
     samples = telemetry.samples(cap.run)
     mine = samples[samples["pid"] == os.getpid()]
     assert len(mine) and set(mine["rank"]) == {0} and set(mine["node"]) == {"testnode"}
