@@ -23,6 +23,8 @@
 set -euo pipefail
 
 STATE_DIR="${PROVHPC_MN_DIR:-/tmp/provhpc-mn-$UID}"
+# Exports MPICH OFI/tcp to every task: see the file (SLURM 22.05 pmi2 vs long PMI-1 lines).
+TASK_PROLOG="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/slurm-task-prolog.sh"
 CONF="$STATE_DIR/slurm.conf"
 BRIDGE="${PROVHPC_MN_BRIDGE:-mnbr0}"
 NET="${PROVHPC_MN_NET:-10.77.0}"  # /24; nodes are .1 .. .N, the controller .254
@@ -201,6 +203,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=pmi2
+TaskProlog=${TASK_PROLOG}
 SlurmdParameters=config_overrides
 ReturnToService=2
 # Lost-node detection: slurmctld pings nodes every SlurmdTimeout/3 s and

@@ -17,6 +17,8 @@
 set -euo pipefail
 
 STATE_DIR="${PROVHPC_SLURM_DIR:-/tmp/provhpc-slurm-$UID}"
+# Exports MPICH OFI/tcp to every task: see the file (SLURM 22.05 pmi2 vs long PMI-1 lines).
+TASK_PROLOG="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/slurm-task-prolog.sh"
 CONF="$STATE_DIR/slurm.conf"
 # Not the SLURM defaults (6817/6818), so a real SLURM on the host is not
 # disturbed, and not the emulated cluster's (6917/6918), so both can coexist.
@@ -124,6 +126,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # pip's mpich wheel speaks PMI2.
 MpiDefault=pmi2
+TaskProlog=${TASK_PROLOG}
 # Advertise NODE_CPUS whatever the real core count is.
 SlurmdParameters=config_overrides
 ReturnToService=2

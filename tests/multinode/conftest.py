@@ -133,28 +133,6 @@ def partitions(run_dir) -> dict:
     return out
 
 
-# SLURM 22.05's pmi2 server now and then misreads a request of MPICH's address exchange
-# ("mpi/pmi2: invalid client request", then MPI_Init fails on every rank): about 1 launch in
-# 50 here, before any provhpc code has run.  Such a launch is retried, visibly.
-MPI_INIT_FAILED = ("mpi/pmi2: invalid client request", "Fatal error in internal_Init_thread")
-
-
-def once_more_if_mpi_init_failed(launch, *dirs, attempts: int = 3):
-    """``launch()`` -> (ok, text, value); a failed MPI_Init is retried (clearing dirs) up to
-    ``attempts`` launches in all: under load two failures in a row were seen once."""
-    ok, text, value = launch()
-    for _ in range(attempts - 1):
-        if ok or not any(sig in text for sig in MPI_INIT_FAILED):
-            break
-        print(f"MPI_Init failed in SLURM's pmi2 (not provhpc); launching once more:\n"
-              f"{text[-1500:]}")
-        for d in dirs:
-            shutil.rmtree(str(d), ignore_errors=True)
-            os.makedirs(str(d), exist_ok=True)
-        ok, text, value = launch()
-    return ok, text, value
-
-
 def wait_for(pred, timeout, step=0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -204,7 +182,7 @@ def srun_run(mn_env, shared_dir):
         res = run(cmd, mn_env, work, timeout=180)
         return res.returncode == 0, res.stdout + res.stderr, res
 
-    ok, text, res = once_more_if_mpi_init_failed(launch, idir, out)
+    ok, text, res = launch()
     assert ok, text[-5000:]
     return work, only_run(out), read_identities(idir), res
 

@@ -21,7 +21,6 @@ from .conftest import (
     ROOT,
     cluster,
     identity_wrapper,
-    once_more_if_mpi_init_failed,
     only_run,
     partitions,
     read_identities,
@@ -153,7 +152,7 @@ echo $? > {work}/agg.rc
         rcs = [_read(work / f) for f in ("train.rc", "agg.rc")]
         return code == 0 and rcs == ["0", "0"], f"{text}\nrc train, aggregators: {rcs}", job
 
-    ok, text, job = once_more_if_mpi_init_failed(launch, idir, out)
+    ok, text, job = launch()
     assert ok, text[-5000:]
     run_dir = only_run(out)
     assert os.path.basename(run_dir) == f"mn-aggstep-{job}"
@@ -177,7 +176,7 @@ def test_sbatch_capture_script(cluster3, shared_dir):
                                        os.path.join(ROOT, "jobs", "capture.sbatch")], env, work)
         return code == 0, text, job
 
-    ok, logs, _ = once_more_if_mpi_init_failed(launch, out)
+    ok, logs, _ = launch()
     assert ok, logs[-5000:]
     run_dir = only_run(out)
     s = summary(run_dir, cluster3, work)
@@ -224,7 +223,7 @@ def test_mpiexec_inside_sbatch_matches_srun(cluster3, shared_dir, srun_run):
         rc = _read(work / "mpiexec.rc")
         return code == 0 and rc == "0", f"{text}\nmpiexec rc: {rc}", job
 
-    ok, text, _ = once_more_if_mpi_init_failed(launch, idir, out)
+    ok, text, _ = launch()
     assert ok, text[-5000:]
     run_dir = only_run(out)
     _, manifest = check_three_nodes(run_dir, read_identities(idir))
