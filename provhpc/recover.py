@@ -173,6 +173,7 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
         status = w.ranks[row]["status"]
         if status == b"running":
             w.upsert_rank(key, {"status": "lost", "exit_code": -1})
+    _recount(w)
     reason = "recovered by provhpc recover"
     w.close({"complete_reason": reason, "recovered_at": time.time_ns(),
              "recovered": json.dumps({k: entry[k] for k in ("salvaged", "duplicates_skipped")})})
@@ -181,6 +182,26 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
     os.replace(tmp, path)
     entry["records_after"] = w._n
     report["partitions"].append(entry)
+
+
+def _recount(w: PartitionWriter) -> None:
+    """Set ``records`` of the rank rows recover closed (``lost``, ``salvaged``) to what the
+    file holds of that rank: their stream never said goodbye, so no writer counted them.
+    A rank with several rows (several pids) keeps its counts: the file cannot split them."""
+    rows = w.ranks[:]
+    mine = np.isin(rows["status"], [b"lost", b"salvaged"]) & (rows["role"] == b"rank")
+    if not mine.any():
+        return
+    ranks, per_rank = np.unique(rows["rank"], return_counts=True)
+    single = set(ranks[per_rank == 1].tolist())
+    on_disk = [w.records.fields("rank")[lo:lo + _COPY_ROWS] for lo in range(0, w._n, _COPY_ROWS)]
+    held, counts = np.unique(np.concatenate(on_disk or [np.zeros(0, np.int32)]),
+                             return_counts=True)
+    count = dict(zip(held.tolist(), counts.tolist()))
+    for i in np.flatnonzero(mine).tolist():
+        rank = int(rows["rank"][i])
+        if rank in single:
+            w.upsert_rank((rank, int(rows["pid"][i])), {"records": count.get(rank, 0)})
 
 
 class _State:

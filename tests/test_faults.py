@@ -20,6 +20,7 @@ import pytest
 from test_faults_lib import (
     aggregator_pid,
     check_no_loss,
+    check_rank_counts,
     job_env,
     kill_tree,
     leftover_segments,
@@ -140,6 +141,8 @@ def test_aggregator_sigkill_then_recover(seed, tmp_path, venv_bin, clean_env):
         assert all(v == n - 1 for v in returned.values())
         total = check_no_loss(rdir, returned)
         assert partitions_complete(rdir)
+        # the streams the killed aggregator never closed: counted from the file, not 0
+        assert {s for _, s in check_rank_counts(rdir).values()} == {"salvaged"}
         assert not leftover_segments(os.path.basename(rdir))
         # running it again changes nothing
         rep2 = recover(rdir)
@@ -195,6 +198,7 @@ def test_no_aggregator_ranks_do_not_hang(n, tmp_path, venv_bin, clean_env):
         assert len(leftover_segments(os.path.basename(rdir))) == 2
         rep = recover(rdir)
         assert [p["action"] for p in rep["partitions"]] == ["created"]
+        check_rank_counts(rdir)
         steps = metric_steps(rdir)
         with Run(rdir) as run:
             s = summary(run)

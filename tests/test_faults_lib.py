@@ -215,3 +215,16 @@ def remove_segments(run_id: str) -> None:
 
 
 PY = sys.executable
+
+
+def check_rank_counts(rdir: str) -> dict:
+    """Every rank row's ``records`` equals the records of that rank its partition holds."""
+    held, rows = {}, {}
+    for path in glob.glob(os.path.join(rdir, "*.h5")):
+        with open_partition(path) as f:
+            ranks, counts = np.unique(f["records"].fields("rank")[:], return_counts=True)
+            held.update(zip(ranks.tolist(), counts.tolist()))
+            rows.update({int(r["rank"]): (int(r["records"]), r["status"].decode())
+                         for r in f["ranks"][:] if r["role"] == b"rank"})
+    assert {r: n for r, (n, _) in rows.items()} == held, (rows, held)
+    return rows

@@ -132,7 +132,10 @@ def test_lost_node_mid_run(restart_after, shared_dir):
         assert f.attrs["complete"]
         after = f["records"][:]
         statuses = {int(r["rank"]): r["status"].decode() for r in f["ranks"][:]}
+        counted = {int(r["rank"]): int(r["records"]) for r in f["ranks"][:]}
     assert statuses == {r: "lost" for r in LOST_RANKS}
+    ranks_held, held = np.unique(after["rank"], return_counts=True)
+    assert counted == dict(zip(ranks_held.tolist(), held.tolist()))  # counted from the file
     assert len(after) == len(before) and np.array_equal(after["id"], before["id"])
     assert set(np.unique(after["rank"]).tolist()) == LOST_RANKS
 
