@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from . import questions as Q
+from . import records as R
 from .reader import summary
 
 _COLORS = {"run": "#dddddd", "stage": "#4c72b0", "epoch": "#55a868", "task": "#c44e52"}
@@ -61,6 +62,16 @@ def plot_timeline(run, path: str) -> str:
     return path
 
 
+def x_axis(name: str, steps: np.ndarray) -> str:
+    """``"step"`` when every point of a metric has a step, else ``"t"`` (time).
+
+    Telemetry (``telemetry.*``) always plots against time: its step is the
+    aggregator's sample number, which says nothing about the training."""
+    if name.startswith("telemetry.") or not len(steps):
+        return "t"
+    return "step" if (np.asarray(steps) != R.NO_STEP).all() else "t"
+
+
 def plot_metrics(run, path: str) -> str | None:
     """One panel per metric name: value against step (or time) per rank."""
     plt = _plt()
@@ -74,15 +85,15 @@ def plot_metrics(run, path: str) -> str | None:
     t0 = run.time_range()[0]
     for ax, name in zip(axes.ravel(), names):
         sel = m[m["name"] == name]
-        has_step = (sel["step"] != np.iinfo(np.int64).min).all()
+        axis = x_axis(name, sel["step"])
         for rank in sorted(set(sel["rank"].tolist())):
             r = sel[sel["rank"] == rank]
-            r = r[np.argsort(r["step"] if has_step else r["t"], kind="stable")]
-            x = r["step"] if has_step else (r["t"] - t0) / 1e9
+            r = r[np.argsort(r[axis], kind="stable")]
+            x = r["step"] if axis == "step" else (r["t"] - t0) / 1e9
             ax.plot(x, r["value"], marker="o" if len(r) < 30 else None, ms=3,
                     label=f"rank {rank}")
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step" if has_step else "seconds")
+        ax.set_xlabel("step" if axis == "step" else "seconds")
         ax.grid(alpha=0.3)
     axes.ravel()[0].legend(fontsize=7)
     for ax in axes.ravel()[len(names):]:
