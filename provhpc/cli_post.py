@@ -1,4 +1,4 @@
-"""Post-processing subcommands: ls, query, lineage, export, report, recover, merge.
+"""Post-processing subcommands: ls, query, lineage, export, report, index, recover, merge.
 
 Each mirrors an API function, takes ``--json``, and is listed in COMMANDS
 (``provhpc.cli`` adds them).  ``query`` (and ``summary``
@@ -466,6 +466,45 @@ def _add_report(sub):
     p.set_defaults(func=_cmd_report)
 
 
+# ---------------------------------------------------------------------- index
+def _cmd_index(args) -> int:
+    import time
+
+    from .index import build
+    from .reader import Collection, open_path
+
+    src = open_path(args.run)
+    runs = src.runs if isinstance(src, Collection) else [src]
+    out = []
+    for run in runs:
+        t0 = time.perf_counter()
+        path = build(run.path)
+        out.append({"run_id": run.run_id, "path": path, "bytes": os.path.getsize(path),
+                    "seconds": round(time.perf_counter() - t0, 3)})
+        run.close()
+    _print(args, {"runs": out}, "\n".join(
+        f"{r['path']}: {r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f} s" for r in out))
+    return 0
+
+
+def _add_index(sub):
+    p = sub.add_parser("index", help="store a finished run's tables and lineage graph for "
+                       "fast queries",
+                       description="Decode every partition of RUN once and write its tables "
+                       "and lineage graph to RUN/index.hdf5, column by column.  Later queries "
+                       "(provhpc.open, summary aside) read only the columns they need from it "
+                       "instead of decoding the whole run: at 10 M records a fresh process "
+                       "answers in well under a second instead of tens of seconds.  The index "
+                       "is used only while the partitions are unchanged (a recover, merge or "
+                       "growing partition makes it stale; it is then ignored, with a warning, "
+                       "until you index again).  RUN must be finished: every partition "
+                       "complete (run `provhpc recover` first after a crash).  A directory of "
+                       "runs indexes each of them.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_index)
+
+
 # ---------------------------------------------------------------------- recover
 def _cmd_recover(args) -> int:
     from .recover import recover
@@ -538,5 +577,5 @@ def _wrap(add):
 
 
 COMMANDS = [_add_ls, _add_summary, _add_query, _add_lineage, _add_export, _add_report,
-            _add_recover, _add_merge]
+            _add_index, _add_recover, _add_merge]
 COMMANDS = [_wrap(add) for add in COMMANDS]

@@ -111,8 +111,8 @@ class Graph:
             en["identity"] = uniq.astype(object)
             nodes[n_act:] = en
         self.entity_of_record = n_act + inverse  # logical entity node of each entity record
-        self.entity_records = e
-        self.nodes = as_table(nodes)
+        self._entity_records = e
+        self._nodes, self._stored_nodes = as_table(nodes), None
         self.n_activities = n_act
 
         def resolve(v):
@@ -136,20 +136,84 @@ class Graph:
                 _, keep = np.unique(np.stack([edges["src"], edges["dst"], rel_code], 1),
                                     axis=0, return_index=True)
             edges = edges[np.sort(keep)]
-        self.edges = as_table(edges)
+        self._edges, self._stored_edges = as_table(edges), None
         self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
                      "forward": _csr(edges["dst"], edges["src"], n)}
+
+    @classmethod
+    def from_index(cls, run) -> Graph:
+        """The graph of one run as its index stored it (``provhpc.index``)."""
+        a = run.index.graph_arrays()
+        g = cls.__new__(cls)
+        g._nodes, g._edges = None, None
+        g._stored_nodes, g._stored_edges = a["nodes"], a["edges"]
+        g.n_activities, g.entity_of_record, g._csr = a["n_activities"], a["entity_of_record"], \
+            a["csr"]
+        g._entity_records = None
+        g._entity_source = run
+        return g
+
+    @property
+    def nodes(self):
+        """All nodes (a ``Table``); from an index, decoded in full on first use."""
+        if self._nodes is None:
+            self._nodes = as_table(self._stored_nodes.full())
+        return self._nodes
+
+    @property
+    def edges(self):
+        if self._edges is None:
+            self._edges = as_table(self._stored_edges.full())
+        return self._edges
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self._nodes) if self._nodes is not None else len(self._stored_nodes)
+
+    def node_column(self, name: str) -> np.ndarray:
+        if self._nodes is not None:
+            return np.asarray(self._nodes)[name]
+        return self._stored_nodes.column(name)
+
+    def node_rows(self, idx) -> np.ndarray:
+        if self._nodes is not None:
+            return np.asarray(self._nodes)[idx]
+        return self._stored_nodes.rows(idx)
+
+    def edge_column(self, name: str) -> np.ndarray:
+        if self._edges is not None:
+            return np.asarray(self._edges)[name]
+        return self._stored_edges.column(name)
+
+    def edge_rows(self, idx) -> np.ndarray:
+        if self._edges is not None:
+            return np.asarray(self._edges)[idx]
+        return self._stored_edges.rows(idx)
+
+    def _name_is(self, value: str) -> np.ndarray:
+        """Mask of the nodes whose ``name`` is ``value`` (an index compares codes only)."""
+        if self._nodes is not None:
+            return np.asarray(self._nodes)["name"] == value
+        st = self._stored_nodes
+        return np.isin(st.codes("name"), st.find("name", value))
+
+    @property
+    def entity_records(self):
+        """The entity records behind the logical entities (read on first use from an index)."""
+        if self._entity_records is None and getattr(self, "_entity_source", None) is not None:
+            self._entity_records = np.asarray(self._entity_source.entities())
+        return self._entity_records
 
     # ------------------------------------------------------------------ lookup
     def resolve(self, spec: str, cwd: str = "") -> np.ndarray:
         """Node indices for ``spec``: ``[run/]rank:id``, an entity key or path, or a task name."""
         spec = str(spec)
-        nodes = np.asarray(self.nodes)
+        col = self.node_column
         m = re.fullmatch(r"(?:(?P<run>[^/]+)/)?(?P<rank>-?\d+):(?P<id>0x[0-9a-fA-F]+|\d+)", spec)
         if m:
-            sel = (nodes["rank"] == int(m["rank"])) & (nodes["id"] == int(m["id"], 0))
+            sel = (col("rank") == int(m["rank"])) & (col("id") == int(m["id"], 0))
             if m["run"]:
-                sel &= nodes["run"] == m["run"]
+                sel &= col("run") == m["run"]
             hit = np.flatnonzero(sel)
             if not len(hit) and self.entity_records is not None:
                 er = self.entity_records
@@ -159,21 +223,21 @@ class Graph:
                 hit = np.unique(self.entity_of_record[rec])
             if len(hit):
                 return hit
-        is_ent = nodes["type"] == "entity"
+        is_ent = col("type") == "entity"
         for candidate in _spellings(spec, cwd):
-            hit = np.flatnonzero(is_ent & (nodes["name"] == candidate))
+            hit = np.flatnonzero(is_ent & self._name_is(candidate))
             if len(hit):
                 return hit
         absolute = os.path.abspath(spec)
-        ids = nodes["identity"].astype(str)
+        ids = col("identity").astype(str)
         hit = np.flatnonzero(is_ent & np.char.startswith(ids, f"file:{absolute}#"))
         if len(hit):
             return hit
-        hit = np.flatnonzero(~is_ent & (nodes["name"] == spec))
+        hit = np.flatnonzero(~is_ent & self._name_is(spec))
         if len(hit):
             return hit
         base = os.path.basename(spec)
-        names = nodes["name"].astype(str)
+        names = col("name").astype(str)
         hit = np.flatnonzero(is_ent & (np.char.endswith(names, "/" + base) | (names == base)))
         if len(hit):
             return hit
@@ -185,7 +249,7 @@ class Graph:
             raise ValueError(f"direction must be 'backward' or 'forward', got {direction!r}")
         indptr, nbr = self._csr[direction]
         start = np.unique(np.atleast_1d(np.asarray(start, np.int64)))
-        level = np.full(len(self.nodes), -1, np.int64)
+        level = np.full(self.n_nodes, -1, np.int64)
         level[start] = 0
         frontier, d = start, 0
         while len(frontier) and (depth is None or d < depth):
@@ -202,7 +266,7 @@ class Graph:
         return self.closure(start, direction, depth)
 
     def label(self, i: int) -> str:
-        n = self.nodes[int(i)]
+        n = self.node_rows([int(i)])[0]
         if n["type"] == "activity":
             return f"{n['kind']} {n['name']} (rank {n['rank']}, {n['rank']}:{n['id']})"
         return f"{n['kind']} {n['name']}"
@@ -239,10 +303,10 @@ class Lineage:
         self.graph, self.start, self.direction = graph, start, direction
         self.level = level
         inside = level >= 0
-        nodes = np.asarray(graph.nodes)[inside]
         self.node_index = np.flatnonzero(inside)
-        e = np.asarray(graph.edges)
-        self.edge_index = np.flatnonzero(inside[e["src"]] & inside[e["dst"]]) if len(e) \
+        nodes = graph.node_rows(self.node_index)
+        src, dst = graph.edge_column("src"), graph.edge_column("dst")
+        self.edge_index = np.flatnonzero(inside[src] & inside[dst]) if len(src) \
             else np.zeros(0, np.int64)
         self._levels = level[inside]
         self._nodes = nodes
@@ -257,7 +321,7 @@ class Lineage:
 
     @property
     def edges(self):
-        return as_table(np.asarray(self.graph.edges)[self.edge_index])
+        return as_table(self.graph.edge_rows(self.edge_index))
 
     def activities(self):
         n = self.nodes
@@ -285,7 +349,7 @@ class Lineage:
             if not hits:
                 raise ValueError(f"{target!r} is not in this {self.direction} lineage")
             target = min(hits, key=lambda t: self.level[t])
-        e = np.asarray(self.graph.edges)[self.edge_index]
+        e = self.graph.edge_rows(self.edge_index)
         if self.direction == "backward":
             src, dst = e["src"], e["dst"]
         else:
@@ -317,7 +381,10 @@ def graph(run_or_collection) -> Graph:
     if cache is not None and "graph" in cache:
         return cache["graph"]
     runs = getattr(run_or_collection, "runs", None) or [run_or_collection]
-    g = Graph(runs)
+    if len(runs) == 1 and getattr(runs[0], "index", None) is not None:
+        g = Graph.from_index(runs[0])
+    else:
+        g = Graph(runs)
     g.runs_for_export = runs
     if cache is not None:
         cache["graph"] = g

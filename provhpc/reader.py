@@ -185,8 +185,10 @@ class Run(_Tables):
     (``mpiexec -n N provhpc query`` gives each rank ``paths[rank::N]``).
     """
 
-    def __init__(self, path: str, select=None):
+    def __init__(self, path: str, select=None, use_index: bool = True):
         self.path = os.path.abspath(path)
+        self.use_index = use_index
+        self._index = False  # not looked up yet
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{path}: no such run directory")
         self.all_partition_paths = sorted(
@@ -236,10 +238,25 @@ class Run(_Tables):
             return []  # a selection checks only what it was given
         return sorted(p for p in paths if not os.path.exists(p))
 
+    @property
+    def index(self):
+        """The run's ``index.hdf5`` when it exists and matches the partitions (``provhpc
+        index``), else None; never for a selection of partitions."""
+        if self._index is False:
+            self._index = None
+            if self.use_index and self.partition_paths is self.all_partition_paths:
+                from . import index as _index
+
+                self._index = _index.load(self)
+        return self._index
+
     def close(self) -> None:
         for p in self._partitions or []:
             p.close()
         self._partitions = None
+        if self._index:
+            self._index.close()
+        self._index = False
         self._cache.clear()
 
     def __enter__(self):
@@ -253,6 +270,8 @@ class Run(_Tables):
         """One of ``TABLES`` over all readable partitions."""
         if name not in TABLES:
             raise ValueError(f"unknown table {name!r}; expected one of {', '.join(TABLES)}")
+        if name not in self._cache and self.index is not None:
+            self._cache[name] = self.index.table(name)
         if name not in self._cache:
             parts = []
             for p in list(self.partitions):
@@ -267,6 +286,8 @@ class Run(_Tables):
 
     def time_range(self) -> tuple[int, int]:
         """First and last record time (ns) over the readable partitions."""
+        if self.index is not None:
+            return self.index.time_range
         ranges = []
         for p in self.partitions:
             try:
