@@ -110,6 +110,15 @@ def iso(ns: int) -> str:
 
 def _glob_mask(col: np.ndarray, patterns) -> np.ndarray:
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    col = np.asarray(col)
+    if col.dtype.kind == "O":  # names, kinds, nodes: few distinct values; hash, don't sort
+        distinct = set(col.tolist())
+        if len(distinct) <= 64:
+            mask = np.zeros(len(col), bool)
+            for value in distinct:
+                if any(fnmatch.fnmatchcase(str(value), p) for p in patterns):
+                    mask |= col == value
+            return mask
     uniq, inv = np.unique(col.astype(str), return_inverse=True)
     hits = np.array([any(fnmatch.fnmatchcase(u, p) for p in patterns) for u in uniq], bool)
     return hits[inv] if len(uniq) else np.zeros(len(col), bool)
