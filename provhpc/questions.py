@@ -81,10 +81,8 @@ def derivation(source, target, origin=None) -> dict:
     if origin is not None:
         origins = [origin]
     else:
-        e = np.asarray(g.edges)
-        has_back = np.zeros(len(g.nodes), bool)
-        if len(e):
-            has_back[e["src"]] = True
+        has_back = np.zeros(g.n_nodes, bool)
+        has_back[g.edge_column("src")] = True
         ents = lin.entities()
         origins = [int(n) for n in ents["node"] if not has_back[n]]
     chains = []

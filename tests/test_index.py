@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _post_runs import build_run
 
-from provhpc import cli
+from provhpc import cli, questions
 from provhpc.index import FILENAME, NotIndexable, StoredTable, _put_table, build
 from provhpc.lineage import graph, lineage
 from provhpc.query import select
@@ -64,6 +64,8 @@ def test_lineage_and_resolve_equal_the_partitions(indexed):
             assert _same(lf.nodes, ls.nodes) and _same(lf.edges, ls.edges)
         assert lineage(fast, ckpt["key"]).path(raw) == lineage(slow, ckpt["key"]).path(raw)
         assert gf.label(0) == gs.label(0)
+        assert questions.derivation(fast, ckpt["key"]) == questions.derivation(slow, ckpt["key"])
+        assert questions.produced(fast, ckpt["key"]) == questions.produced(slow, ckpt["key"])
         assert _same(gf.nodes, gs.nodes) and _same(gf.edges, gs.edges)  # full decode too
 
 
