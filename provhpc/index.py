@@ -14,7 +14,7 @@ Layout (plain h5py reads it; the attribute ``format`` is ``provhpc-index``):
   (the distinct values as UTF-8 JSON, so ints, floats, bools and strings keep
   their type);
 * ``graph/nodes/``, ``graph/edges/`` — the graph's tables, encoded the same way;
-  ``graph/entity_of_record``; ``graph/csr/{backward,forward}_{indptr,nbr}``.
+  ``graph/entity_of_record``; ``graph/csr/{backward,forward}_{indptr,nbr,edge}``.
 * attributes: ``version``, ``run_id``, ``time_range``, and ``sources``: the
   name, size and mtime of every partition and of ``manifest.json`` when the
   index was built.
@@ -146,25 +146,62 @@ class StoredTable:
         """A whole column, decoded (cached)."""
         if name not in self._cols:
             if self.is_text(name):
-                self._cols[name] = self.values(name)[self.codes(name)]
+                self._cols[name] = self._small(name)[self.codes(name)] \
+                    if self._n_values(name) <= self.SMALL else self.values(name)[self.codes(name)]
             else:
                 self._cols[name] = self.g[name][:]
         return self._cols[name]
+
+    def _n_values(self, name: str) -> int:
+        return len(self._heap(name)[1]) - 1
+
+    def _small(self, name: str) -> np.ndarray:
+        key = name + ".small"
+        if key not in self._raw:
+            self._raw[key] = self.values(name)
+        return self._raw[key]
+
+    def column_at(self, name: str, idx) -> np.ndarray:
+        """Column ``name`` at rows ``idx``, decoding only the values those rows use."""
+        idx = np.asarray(idx, np.int64)
+        if name in self._cols:
+            return self._cols[name][idx]
+        if not self.is_text(name):
+            return self._read_at(name, idx)
+        codes = self.codes(name)[idx] if name + ".codes" in self._raw or not self._few(idx) \
+            else self._read_at(name + ".codes", idx)
+        if self._n_values(name) <= self.SMALL:
+            return self._small(name)[codes]
+        used, inverse = np.unique(codes, return_inverse=True)
+        return self.values(name, used)[inverse] if len(used) else np.zeros(0, object)
+
+    def _few(self, idx) -> bool:
+        """Few enough rows to read them one by one rather than the whole column."""
+        return len(idx) <= min(65536, self.n // 32)
+
+    def _read_at(self, dataset: str, idx) -> np.ndarray:
+        if not self._few(idx):
+            return (self.column(dataset) if dataset in self.dtype.names
+                    else self.g[dataset][:])[idx]
+        if not len(idx):
+            return self.g[dataset][:0]
+        rows, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
+        return self.g[dataset][rows][inverse]
+
+    def equals(self, name: str, value) -> np.ndarray:
+        """Mask of the rows whose column ``name`` is ``value`` (codes compared, nothing decoded)."""
+        if name in self._cols or not self.is_text(name):
+            return self.column(name) == value
+        hits = self.find(name, value)
+        codes = self.codes(name)
+        return codes == hits[0] if len(hits) == 1 else np.isin(codes, hits)
 
     def rows(self, idx) -> np.ndarray:
         """The rows ``idx`` as a structured array, decoding only the values they use."""
         idx = np.asarray(idx, np.int64)
         out = np.zeros(len(idx), self.dtype)
         for name in self.dtype.names:
-            if name in self._cols or not self.is_text(name):
-                out[name] = self.column(name)[idx]
-                continue
-            codes = self.codes(name)[idx]
-            if len(self._heap(name)[1]) - 1 <= self.SMALL:
-                out[name] = self.column(name)[idx]
-            else:
-                used, inverse = np.unique(codes, return_inverse=True)
-                out[name] = self.values(name, used)[inverse] if len(used) else []
+            out[name] = self.column_at(name, idx)
         return out
 
     def full(self) -> np.ndarray:
@@ -229,9 +266,10 @@ def build(run_or_path) -> str:
                 _put_table(gg.create_group("edges"), np.asarray(g.edges))
                 gg.create_dataset("entity_of_record", data=np.asarray(g.entity_of_record,
                                                                       np.int64))
-                for direction, (indptr, nbr) in g._csr.items():
+                for direction, (indptr, nbr, edge) in g._csr.items():
                     gg.create_dataset(f"csr/{direction}_indptr", data=indptr)
                     gg.create_dataset(f"csr/{direction}_nbr", data=np.asarray(nbr, np.int64))
+                    gg.create_dataset(f"csr/{direction}_edge", data=edge)
             if sources(run) != before:
                 raise NotIndexable(f"{run.path}: the run changed while it was indexed; "
                                   "index it again when it is finished")
@@ -249,10 +287,13 @@ class Index:
     def __init__(self, f: h5py.File):
         self.f = f
         self.time_range = tuple(int(x) for x in f.attrs["time_range"])
+        self._stored: dict = {}
 
     def stored(self, name: str) -> StoredTable:
-        """One of the run's tables, column by column."""
-        return StoredTable(self.f[f"tables/{name}"], _tables.DTYPES[name])
+        """One of the run's tables, column by column (decoded columns are kept)."""
+        if name not in self._stored:
+            self._stored[name] = StoredTable(self.f[f"tables/{name}"], _tables.DTYPES[name])
+        return self._stored[name]
 
     def table(self, name: str) -> _tables.Table:
         return _tables.as_table(self.stored(name).full())
@@ -265,11 +306,28 @@ class Index:
                 "edges": StoredTable(g["edges"], EDGE_DTYPE),
                 "entity_of_record": g["entity_of_record"][:],
                 "n_activities": int(g.attrs["n_activities"]),
-                "csr": {d: (g[f"csr/{d}_indptr"][:], g[f"csr/{d}_nbr"][:])
-                        for d in ("backward", "forward")}}
+                "csr": _LazyCSR(g["csr"])}
 
     def close(self) -> None:
         self.f.close()
+
+
+class _LazyCSR(dict):
+    """The graph's adjacency per direction, read on first use (a closure needs one)."""
+
+    def __init__(self, group: h5py.Group):
+        super().__init__()
+        self.g = group
+
+    def __contains__(self, direction) -> bool:
+        return direction in ("backward", "forward")
+
+    def __missing__(self, direction):
+        if direction not in self:
+            raise KeyError(direction)
+        value = self[direction] = tuple(self.g[f"{direction}_{part}"][:]
+                                        for part in ("indptr", "nbr", "edge"))
+        return value
 
 
 def load(run) -> Index | None:

@@ -137,6 +137,7 @@ class Graph:
                                     axis=0, return_index=True)
             edges = edges[np.sort(keep)]
         self._edges, self._stored_edges = as_table(edges), None
+        # per direction: (indptr, neighbour node, edge row) sorted by the edge's first node
         self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
                      "forward": _csr(edges["dst"], edges["src"], n)}
 
@@ -247,7 +248,7 @@ class Graph:
     def closure(self, start, direction: str = "backward", depth: int | None = None) -> Lineage:
         if direction not in self._csr:
             raise ValueError(f"direction must be 'backward' or 'forward', got {direction!r}")
-        indptr, nbr = self._csr[direction]
+        indptr, nbr, _ = self._csr[direction]
         start = np.unique(np.atleast_1d(np.asarray(start, np.int64)))
         level = np.full(self.n_nodes, -1, np.int64)
         level[start] = 0
@@ -283,17 +284,21 @@ def _csr(src, dst, n):
     order = np.argsort(src, kind="stable")
     indptr = np.zeros(n + 1, np.int64)
     np.add.at(indptr, src + 1, 1) if len(src) else None
-    return np.cumsum(indptr), np.asarray(dst)[order]
+    return np.cumsum(indptr), np.asarray(dst)[order], order.astype(np.int64)
 
 
-def _neighbours(indptr, nbr, frontier):
+def _positions(indptr, frontier):
+    """Positions in the CSR arrays of the edges of the ``frontier`` nodes."""
     lo, hi = indptr[frontier], indptr[frontier + 1]
     counts = hi - lo
     total = int(counts.sum())
     if not total:
         return np.zeros(0, np.int64)
-    starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
-    return nbr[starts + np.arange(total)]
+    return np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(total)
+
+
+def _neighbours(indptr, nbr, frontier):
+    return nbr[_positions(indptr, frontier)]
 
 
 class Lineage:
@@ -305,9 +310,11 @@ class Lineage:
         inside = level >= 0
         self.node_index = np.flatnonzero(inside)
         nodes = graph.node_rows(self.node_index)
-        src, dst = graph.edge_column("src"), graph.edge_column("dst")
-        self.edge_index = np.flatnonzero(inside[src] & inside[dst]) if len(src) \
-            else np.zeros(0, np.int64)
+        # the edges with both ends inside: those of the inside nodes (by the backward
+        # adjacency, which keys every edge by its src) whose other end is inside too
+        indptr, nbr, edge = graph._csr["backward"]
+        pos = _positions(indptr, self.node_index)
+        self.edge_index = np.sort(edge[pos[inside[nbr[pos]]]])
         self._levels = level[inside]
         self._nodes = nodes
 

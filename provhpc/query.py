@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from .tables import as_table, pair_keys
+from .tables import DTYPES, as_table, pair_keys
 
 _OWNER = {"tasks": "id", "entities": "id", "metrics": "activity", "attributes": "owner",
           "relations": "subject"}
@@ -131,52 +131,92 @@ def _runs(source):
 def select(source, table: str = "tasks", *, kind=None, name=None, rank=None, node=None,
            since=None, until=None, where=(), status=None):
     """Rows of ``table`` over a run or a collection, filtered; a ``Table``."""
+    if table not in DTYPES:
+        raise ValueError(f"unknown table {table!r}; expected one of {', '.join(DTYPES)}")
     parts = [_select_run(run, table, kind, name, rank, node, since, until, where, status)
              for run in _runs(source)]
     parts = [p for p in parts if len(p)]
     if not parts:
-        return as_table(np.asarray(source.table(table))[:0])
-    return as_table(np.concatenate(parts))
+        return as_table(np.zeros(0, DTYPES[table]))
+    return as_table(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def _columns(run, table: str):
+    """One run's table as columns (``column``, ``column_at``, ``equals``, ``rows``).
+
+    From the run's index column by column (only the columns a filter names are
+    read, only the selected rows are assembled) unless the table is decoded
+    already; otherwise from the decoded table."""
+    index = getattr(run, "index", None)
+    if index is not None and table not in getattr(run, "_cache", {}):
+        return index.stored(table)
+    return _Decoded(np.asarray(run.table(table)))
+
+
+class _Decoded:
+    """A decoded table with the accessors of ``provhpc.index.StoredTable``."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def column(self, name):
+        return self.t[name]
+
+    def column_at(self, name, idx):
+        return self.t[name][idx]
+
+    def equals(self, name, value):
+        return self.t[name] == value
+
+    def rows(self, idx):
+        return self.t[idx]
 
 
 def _select_run(run, table, kind, name, rank, node, since, until, where, status):
-    t = np.asarray(run.table(table))
-    mask = np.ones(len(t), bool)
+    tab = _columns(run, table)
+    col = tab.column
+    names = DTYPES[table].names
+    mask = np.ones(len(tab), bool)
     if kind is not None:
-        mask &= _glob_mask(t[_KIND[table]], kind)
+        mask &= _glob_mask(col(_KIND[table]), kind)
     if name is not None:
-        mask &= _glob_mask(t[_NAME[table]], name)
+        mask &= _glob_mask(col(_NAME[table]), name)
     if rank is not None:
-        mask &= np.isin(t["rank"], np.atleast_1d(np.asarray(rank, np.int64)))
+        mask &= np.isin(col("rank"), np.atleast_1d(np.asarray(rank, np.int64)))
     if node is not None:
-        mask &= _glob_mask(t["node"], node)
+        mask &= _glob_mask(col("node"), node)
     if status is not None:
-        mask &= _glob_mask(t["status"], status)
+        mask &= _glob_mask(col("status"), status)
     if since is not None or until is not None:
         origin = run.time_range()[0]
-        tcol = t[_TIME[table]]
+        tcol = col(_TIME[table])
         if since is not None:
             lo = to_ns(since, origin)
-            end = t["end"] if table == "tasks" else tcol
+            end = col("end") if table == "tasks" else tcol
             mask &= (end >= lo) | (end < 0)
         if until is not None:
             mask &= tcol <= to_ns(until, origin)
     for term in where:
         key, op, value = parse_term(term) if isinstance(term, str) else term
-        if key in t.dtype.names:
-            mask &= compare(t[key], op, value)
+        if key in names:
+            mask &= compare(col(key), op, value)
         else:
-            mask &= _attribute_mask(run, t, table, key, op, value)
-    return t[mask]
+            mask &= _attribute_mask(run, col, table, key, op, value)
+    return tab.rows(np.flatnonzero(mask))
 
 
-def _attribute_mask(run, t, table, key, op, value):
-    a = np.asarray(run.attributes())
-    a = a[a["key"] == key]
-    a = a[compare(a["value"], op, value, a["vtype"])]
-    if not len(a) or not len(t):
-        return np.zeros(len(t), bool)
-    kt, ka = pair_keys((t["rank"], t[_OWNER[table]]), (a["rank"], a["owner"]))
+def _attribute_mask(run, col, table, key, op, value):
+    a = _columns(run, "attributes")
+    sel = np.flatnonzero(a.equals("key", key))
+    hit = sel[compare(a.column_at("value", sel), op, value, a.column_at("vtype", sel))]
+    rows = col("rank")
+    if not len(hit) or not len(rows):
+        return np.zeros(len(rows), bool)
+    kt, ka = pair_keys((rows, col(_OWNER[table])),
+                       (a.column_at("rank", hit), a.column_at("owner", hit)))
     return np.isin(kt, ka)
 
 
