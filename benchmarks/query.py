@@ -39,6 +39,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _common as C  # noqa: E402
+
 import provhpc  # noqa: E402
 from provhpc import records as R  # noqa: E402
 from provhpc.index import build as build_index  # noqa: E402
@@ -296,6 +298,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default="/tmp/provhpc-qbench")
     ap.add_argument("--keep", action="store_true", help="keep the run and the JSONL file")
     ap.add_argument("--build-only", action="store_true", help="build the run, time nothing")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     ap.add_argument("--skip-unindexed", action="store_true",
                     help="do not time cold queries without the index (slow at 10 M records)")
     args = ap.parse_args(argv)
@@ -374,6 +377,11 @@ def main(argv=None) -> int:
         print(f"{name:<32} {c:8.3f} {raw:8.2f} {w:8.3f} {j:8.1f} {j / c:7.1f} {j / w:8.1f}  "
               f"{a} / {b}")
     print(f"(seconds; x = JSONL scan / provhpc; index written once in {t_index:.1f} s)")
+    C.dump_json(args.json, {
+        "records": n, "partitions": args.nodes, "ranks": n_ranks, "index_s": t_index,
+        "queries": [{"query": name, "cold_indexed_s": c, "cold_unindexed_s": raw, "warm_s": w,
+                     "jsonl_s": j, "answers": a, "jsonl_answers": b}
+                    for name, c, raw, w, j, a, b in rows]})
     if not args.keep:
         shutil.rmtree(args.dir)
     return 0
