@@ -28,6 +28,12 @@ _METRIC, _V_FLOAT, _ATTRIBUTE = R.METRIC, R.V_FLOAT, R.ATTRIBUTE
 
 ROLE_ATTRIBUTE, ROLE_PARAMETER, ROLE_GENERATED = 0, 1, 2  # ``ref`` of ATTRIBUTE records
 
+try:  # the owner thread's hot path of activities and values in C (provhpc/_fast.c)
+    from . import _fast
+except ImportError:  # not built (no compiler): the Python path below does the same
+    _fast = None
+_c_start, _c_values = (_fast.start, _fast.values) if _fast is not None else (None, None)
+
 
 def _get_agent():
     agent = _agent
@@ -94,6 +100,8 @@ def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list)
 
 
 def _write_values(agent, owner: int, values: dict, role: int) -> None:
+    if _c_values is not None and _c_values(agent, owner, role, values):
+        return
     t = _time_ns()
     flat: list = []
     if _flat_values(agent, owner, role, t, values, flat) and \
@@ -310,8 +318,9 @@ def current_activity() -> int:
 
 
 # ---------------------------------------------------------------------- activities
-class Activity:
-    """A PROV activity: ``with``, ``@decorator`` or explicit ``start()``/``end()``."""
+class _ActivityBase:
+    """The fields and with-block of an activity; ``provhpc._fast.ActivityBase`` does the
+    same in C (the common case without a Python frame) when the extension is built."""
 
     __slots__ = ("kind", "name", "index", "params", "inputs", "id", "parent", "_token")
 
@@ -322,6 +331,30 @@ class Activity:
         self.parent = 0
         self._token = None
 
+    def __enter__(self) -> Activity:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end()
+        else:
+            self.end("error", exc)
+        return False
+
+    def generated(self, *entities, **values) -> Activity:
+        return self._generated(*entities, **values)
+
+
+if _fast is not None:
+    _fast.bind(globals(), _current)
+    _ActivityBase = _fast.ActivityBase  # noqa: F811 - the C twin of the class above
+
+
+class Activity(_ActivityBase):
+    """A PROV activity: ``with``, ``@decorator`` or explicit ``start()``/``end()``."""
+
+    __slots__ = ()
+
     def start(self) -> Activity:
         if self._token is not None or self.id:
             raise ValueError(f"provhpc: {self.kind} {self.name!r} already started")
@@ -331,6 +364,12 @@ class Activity:
             if agent is None:
                 self._token = False
                 return self
+        if _c_start is not None and _c_start(agent, self, _current, ROLE_PARAMETER):
+            if self.inputs:
+                for e in self.inputs:
+                    _relate(agent, self.id, R.USED, _entity_id(e))
+            self._token = _current.set(self.id)
+            return self
         aid = self.id = agent.next_id()
         parent = self.parent = _current.get()
         t = _time_ns()
@@ -378,23 +417,15 @@ class Activity:
                 [agent.h_end, self.id, 0, t, 0, 0, _NO_STEP, code, 0.0], 1):
             agent.write([(agent.h_end, self.id, 0, t, None, etype, _NO_STEP, code, 0.0)])
 
-    def __enter__(self) -> Activity:
-        return self.start()
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.end()
-        else:
-            self.end("error", exc)
-        return False
-
     # --- inside the activity
-    def generated(self, *entities, **values) -> Activity:
+    def _generated(self, *entities, **values) -> Activity:
+        """``generated()`` of the base: entities as wasGeneratedBy, values as attributes."""
         agent = _agent
         if agent is not None and self.id:
             for e in entities:
                 _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
-            if values:
+            if values and (_c_values is None or
+                           not _c_values(agent, self.id, ROLE_GENERATED, values)):
                 _write_values(agent, self.id, values, ROLE_GENERATED)
         return self
 
@@ -494,6 +525,8 @@ def _activity_factory(kind: str):
 
 task = _activity_factory("task")
 task.__doc__ = """An activity: ``with task(name, used=[...], **params) as t`` or ``@task``."""
+if _fast is not None:  # task("name", ...) built in C; everything else through make()
+    task = _fast.factory(Activity, "task", task, task.__doc__)
 
 
 def stage(kind="stage", used=None, **params) -> Activity:

@@ -1,0 +1,731 @@
+/* provhpc._fast: the owner thread's hot path of activities and values, in C.
+ *
+ * Optional: provhpc.api uses these functions when the extension built, and its
+ * pure-Python path otherwise.  Each function writes records exactly as the
+ * Python path would (same 64-byte layout, "<QQQqIIqqd", see records.py) or,
+ * when anything is out of the ordinary, changes nothing and returns False so
+ * that the caller takes the Python path:
+ *   - not the agent's owner thread, or no room before ``fast_end`` (the slot is
+ *     full, or a locked section closed the fast path);
+ *   - a name, kind, key or string value not interned yet in ``agent._strings``;
+ *   - a value that needs the coercion rules (anything but float, int within
+ *     int64, bool, interned str).
+ * The GIL is held throughout, so no other Python thread sees a half-written
+ * state: that is what the Python path's ``_busy`` flag guards against.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+#define MAX_RECORDS 64
+#define NO_STEP INT64_MIN
+#define STATUS_OK 0
+
+typedef struct {
+    uint64_t hdr, id, ref;
+    int64_t t;
+    uint32_t name, sval;
+    int64_t step, ival;
+    double fval;
+} record_t;
+
+static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
+    *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
+    *s_parent, *s_token;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);  /* what time.time_ns() reads */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* 1: an int attribute read into *out; 0: absent or not an int (caller falls back); -1 error */
+static int get_i64(PyObject *obj, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    if (!PyLong_Check(v)) { Py_DECREF(v); return 0; }
+    int overflow = 0;
+    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+    Py_DECREF(v);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    return overflow ? 0 : 1;
+}
+
+static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (*out == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    return 1;
+}
+
+/* The string id of ``key`` (1), not interned or not a str (0), error (-1). */
+static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
+    if (!PyUnicode_CheckExact(key)) return 0;
+    PyObject *v = PyDict_GetItemWithError(strings, key);  /* borrowed */
+    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    unsigned long id = PyLong_AsUnsignedLong(v);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    *out = (uint32_t)id;
+    return 1;
+}
+
+/* What never changes in an agent's life, read once per agent (the cache holds a strong
+ * reference, so a new agent is never mistaken for a freed one at the same address). */
+typedef struct {
+    PyObject *agent, *strings, *mm, *next_id, *opened;
+    uint64_t h_start, h_end, h_attr[5];
+    unsigned long owner;
+    int has_owner;
+} state_t;
+
+static state_t cached;
+
+static void state_clear(state_t *st) {
+    Py_CLEAR(st->agent); Py_CLEAR(st->strings); Py_CLEAR(st->mm); Py_CLEAR(st->next_id);
+    Py_CLEAR(st->opened);
+}
+
+static state_t *state_of(PyObject *agent) {
+    if (cached.agent == agent) return &cached;
+    state_t st = {0};
+    PyObject *h = NULL, *owner = NULL;
+    Py_INCREF(agent);
+    st.agent = agent;
+    if ((st.strings = PyObject_GetAttr(agent, s_strings)) == NULL) goto fail;
+    if ((st.mm = PyObject_GetAttr(agent, s_mm)) == NULL) goto fail;
+    if ((st.next_id = PyObject_GetAttr(agent, s_next_id)) == NULL) goto fail;
+    if ((st.opened = PyObject_GetAttr(agent, s_open_activities)) == NULL) goto fail;
+    if (!PyDict_CheckExact(st.strings) || !PyDict_CheckExact(st.opened)) {
+        PyErr_SetString(PyExc_TypeError, "provhpc._fast: agent._strings/open_activities");
+        goto fail;
+    }
+    if (get_u64(agent, s_h_start, &st.h_start) < 0) goto fail;
+    if (get_u64(agent, s_h_end, &st.h_end) < 0) goto fail;
+    if ((h = PyObject_GetAttr(agent, s_h_attr)) == NULL) goto fail;
+    if (!PyList_CheckExact(h) || PyList_GET_SIZE(h) < 5) {
+        PyErr_SetString(PyExc_TypeError, "provhpc._fast: agent.h_attr");
+        goto fail;
+    }
+    for (int i = 0; i < 5; i++) {
+        st.h_attr[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(h, i));
+        if (st.h_attr[i] == (uint64_t)-1 && PyErr_Occurred()) goto fail;
+    }
+    if ((owner = PyObject_GetAttr(agent, s_owner)) == NULL) goto fail;
+    st.has_owner = PyLong_Check(owner);  /* None without a GIL: never the fast path */
+    if (st.has_owner) {
+        st.owner = PyLong_AsUnsignedLong(owner);
+        if (st.owner == (unsigned long)-1 && PyErr_Occurred()) goto fail;
+    }
+    Py_DECREF(h);
+    Py_DECREF(owner);
+    state_clear(&cached);
+    cached = st;
+    return &cached;
+fail:
+    Py_XDECREF(h);
+    Py_XDECREF(owner);
+    state_clear(&st);
+    return NULL;
+}
+
+/* The owner thread may write n records at the agent's current offset: 1 and *off set; 0 no. */
+static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
+    long long fast_end;
+    int r;
+    if (!st->has_owner || st->owner != PyThread_get_thread_ident()) return 0;
+    if ((r = get_i64(agent, s_fast_end, &fast_end)) <= 0) return r;
+    if ((r = get_i64(agent, s_off, off)) <= 0) return r;
+    return *off + n * (long long)sizeof(record_t) <= fast_end;
+}
+
+/* Copy the records into the segment at ``off`` and advance ``agent._off``. */
+static int commit(PyObject *agent, state_t *st, long long off, const record_t *recs,
+                  Py_ssize_t n) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(st->mm, &view, PyBUF_WRITABLE) < 0) return -1;
+    Py_ssize_t size = n * (Py_ssize_t)sizeof(record_t);
+    if (off < 0 || off + size > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_RuntimeError, "provhpc._fast: write outside the segment");
+        return -1;
+    }
+    memcpy((char *)view.buf + off, recs, (size_t)size);
+    PyBuffer_Release(&view);
+    PyObject *end = PyLong_FromLongLong(off + size);
+    if (end == NULL) return -1;
+    int r = PyObject_SetAttr(agent, s_off, end);
+    Py_DECREF(end);
+    return r;
+}
+
+/* Attribute records of ``values`` (a dict) into recs[0..]: count, -2 fall back, -1 error. */
+static Py_ssize_t value_records(state_t *st, uint64_t owner, uint64_t role, int64_t t,
+                                PyObject *values, record_t *recs, Py_ssize_t max) {
+    if (PyDict_GET_SIZE(values) > max) return -2;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(values, &pos, &key, &value)) {
+        record_t *r = &recs[i++];
+        uint32_t kid;
+        int s = string_id(st->strings, key, &kid);
+        if (s <= 0) return s < 0 ? -1 : -2;
+        r->id = owner; r->ref = role; r->t = t; r->name = kid; r->sval = 0;
+        r->step = NO_STEP; r->ival = 0; r->fval = 0.0;
+        if (PyFloat_CheckExact(value)) {
+            r->hdr = st->h_attr[2];
+            r->fval = PyFloat_AS_DOUBLE(value);
+        } else if (PyBool_Check(value)) {
+            r->hdr = st->h_attr[3];
+            r->ival = value == Py_True;
+        } else if (PyLong_CheckExact(value)) {
+            int overflow = 0;
+            long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+            if (overflow) return -2;
+            if (v == -1 && PyErr_Occurred()) return -1;
+            r->hdr = st->h_attr[1];
+            r->ival = v;
+        } else if (PyUnicode_CheckExact(value)) {
+            uint32_t sid;
+            s = string_id(st->strings, value, &sid);
+            if (s <= 0) return s < 0 ? -1 : -2;
+            r->hdr = st->h_attr[4];
+            r->sval = sid;
+        } else {
+            return -2;
+        }
+    }
+    return i;
+}
+
+/* The attribute records of a dict of values: 1 written, 0 fall back, -1 error. */
+static int values_core(PyObject *agent, PyObject *owner_obj, uint64_t role, PyObject *values) {
+    if (!PyDict_CheckExact(values)) return 0;
+    uint64_t owner = PyLong_AsUnsignedLongLong(owner_obj);
+    if (owner == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    state_t *st = state_of(agent);
+    if (st == NULL) return -1;
+    long long off;
+    int r = room(agent, st, PyDict_GET_SIZE(values), &off);
+    if (r <= 0) return r;
+    record_t recs[MAX_RECORDS];
+    Py_ssize_t n = value_records(st, owner, role, now_ns(), values, recs, MAX_RECORDS);
+    if (n == -1) return -1;
+    if (n < 0) return 0;
+    return commit(agent, st, off, recs, n) < 0 ? -1 : 1;
+}
+
+static PyObject *as_bool(int r) {
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* values(agent, owner, role, values) -> bool */
+static PyObject *fast_values(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "values(agent, owner, role, values)");
+        return NULL;
+    }
+    uint64_t role = PyLong_AsUnsignedLongLong(args[2]);
+    if (role == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    return as_bool(values_core(args[0], args[1], role, args[3]));
+}
+
+/* The start record and the parameter records of an activity.  1: written, and *aid
+ * (its new id) and *parent (the current activity) are new references; 0 fall back
+ * (nothing changed); -1 error. */
+static int start_core(PyObject *agent, PyObject *name, PyObject *kind, PyObject *index_obj,
+                      PyObject *params, PyObject *current, uint64_t role, PyObject **aid,
+                      PyObject **parent) {
+    record_t recs[MAX_RECORDS];
+    long long index, off;
+    uint64_t id, pid;
+    Py_ssize_t n = 1;
+    int r, overflow = 0;
+
+    *aid = *parent = NULL;
+    if (params != Py_None) {
+        if (!PyDict_CheckExact(params)) return 0;
+        n += PyDict_GET_SIZE(params);
+    }
+    if (n > MAX_RECORDS || !PyLong_CheckExact(index_obj)) return 0;
+    index = PyLong_AsLongLongAndOverflow(index_obj, &overflow);
+    if (overflow) return 0;
+    if (index == -1 && PyErr_Occurred()) return -1;
+    state_t *st = state_of(agent);
+    if (st == NULL) return -1;
+    if ((r = room(agent, st, n, &off)) <= 0) return r;
+    if ((r = string_id(st->strings, name, &recs[0].name)) <= 0) return r;
+    if ((r = string_id(st->strings, kind, &recs[0].sval)) <= 0) return r;
+    int64_t t = now_ns();
+    if (params != Py_None) {  /* the owner id is not known yet: filled in below */
+        Py_ssize_t k = value_records(st, 0, role, t, params, recs + 1, MAX_RECORDS - 1);
+        if (k == -1) return -1;
+        if (k < 0) return 0;
+    }
+    /* from here on nothing falls back: take the id and write */
+    if ((*aid = PyObject_CallNoArgs(st->next_id)) == NULL) return -1;
+    id = PyLong_AsUnsignedLongLong(*aid);
+    if (id == (uint64_t)-1 && PyErr_Occurred()) goto error;
+    if (PyContextVar_Get(current, NULL, parent) < 0) goto error;
+    if (*parent == NULL && (*parent = PyLong_FromLong(0)) == NULL) goto error;
+    pid = PyLong_AsUnsignedLongLong(*parent);
+    if (pid == (uint64_t)-1 && PyErr_Occurred()) goto error;
+    recs[0].hdr = st->h_start; recs[0].id = id; recs[0].ref = pid; recs[0].t = t;
+    recs[0].step = index; recs[0].ival = 0; recs[0].fval = 0.0;
+    for (Py_ssize_t i = 1; i < n; i++) recs[i].id = id;
+    if (commit(agent, st, off, recs, n) < 0) goto error;
+    if (PyDict_SetItem(st->opened, *aid, Py_None) < 0) goto error;
+    return 1;
+error:
+    Py_CLEAR(*aid);
+    Py_CLEAR(*parent);
+    return -1;
+}
+
+/* start(agent, activity, current, parameter_role) -> bool: the start record and the
+ * parameters; sets activity.id and .parent, and agent.open_activities[id].  The
+ * caller relates the inputs and then makes the activity current. */
+static PyObject *fast_start(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "start(agent, activity, current, role)");
+        return NULL;
+    }
+    uint64_t role = PyLong_AsUnsignedLongLong(args[3]);
+    if (role == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    PyObject *act = args[1], *f[4] = {NULL, NULL, NULL, NULL}, *aid = NULL, *parent = NULL;
+    PyObject *names[4] = {s_name, s_kind, s_index, s_params};
+    int r = -1;
+    for (int i = 0; i < 4; i++)
+        if ((f[i] = PyObject_GetAttr(act, names[i])) == NULL) goto done;
+    r = start_core(args[0], f[0], f[1], f[2], f[3], args[2], role, &aid, &parent);
+    if (r == 1 && (PyObject_SetAttr(act, s_id, aid) < 0 ||
+                   PyObject_SetAttr(act, s_parent, parent) < 0))
+        r = -1;
+done:
+    for (int i = 0; i < 4; i++) Py_XDECREF(f[i]);
+    Py_XDECREF(aid);
+    Py_XDECREF(parent);
+    return as_bool(r);
+}
+
+/* The successful end of a started activity (its id and context token): 1 written and
+ * the token used, 0 fall back (nothing changed), -1 error. */
+static int end_core(PyObject *agent, PyObject *id_obj, PyObject *token, PyObject *current) {
+    long long off;
+    int r;
+    if (!PyContextToken_CheckExact(token)) return 0;
+    uint64_t id = PyLong_AsUnsignedLongLong(id_obj);
+    if (id == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    state_t *st = state_of(agent);
+    if (st == NULL) return -1;
+    if ((r = room(agent, st, 1, &off)) <= 0) return r;
+    if (PyContextVar_Reset(current, token) < 0) {  /* another context: the Python path */
+        PyErr_Clear();
+        return 0;
+    }
+    if (PyDict_DelItem(st->opened, id_obj) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) return -1;
+        PyErr_Clear();
+    }
+    record_t rec = {st->h_end, id, 0, now_ns(), 0, 0, NO_STEP, STATUS_OK, 0.0};
+    return commit(agent, st, off, &rec, 1) < 0 ? -1 : 1;
+}
+
+/* end(agent, activity, current) -> bool */
+static PyObject *fast_end(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "end(agent, activity, current)");
+        return NULL;
+    }
+    PyObject *act = args[1], *id = NULL, *token = NULL;
+    int r = -1;
+    if ((id = PyObject_GetAttr(act, s_id)) != NULL &&
+        (token = PyObject_GetAttr(act, s_token)) != NULL) {
+        r = end_core(args[0], id, token, args[2]);
+        if (r == 1 && PyObject_SetAttr(act, s_token, Py_None) < 0) r = -1;
+    }
+    Py_XDECREF(id);
+    Py_XDECREF(token);
+    return as_bool(r);
+}
+
+/* ---------------------------------------------------------------- ActivityBase
+ * The base type of provhpc.api.Activity: its fields, __init__, and the with-block
+ * (__enter__, __exit__) and generated() of the common case, in C.  Everything
+ * else -- and every case the cores above decline -- calls the Python methods
+ * ``start``, ``end`` and ``_generated`` of the subclass.  ``bind`` gives it the
+ * API module's globals (for ``_agent``) and the current-activity ContextVar. */
+#define ROLE_PARAMETER 1
+#define ROLE_GENERATED 2
+
+static PyObject *api_globals, *current_var, *s_agent, *s_fork_info, *s_start, *s_end, *s_generated_py,
+    *s_error, *zero;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *kind, *name, *index, *params, *inputs, *id, *parent, *token;
+} Activity;
+
+static int act_traverse(Activity *self, visitproc visit, void *arg) {
+    Py_VISIT(self->kind); Py_VISIT(self->name); Py_VISIT(self->index);
+    Py_VISIT(self->params); Py_VISIT(self->inputs); Py_VISIT(self->id);
+    Py_VISIT(self->parent); Py_VISIT(self->token);
+    return 0;
+}
+
+static int act_clear(Activity *self) {
+    Py_CLEAR(self->kind); Py_CLEAR(self->name); Py_CLEAR(self->index);
+    Py_CLEAR(self->params); Py_CLEAR(self->inputs); Py_CLEAR(self->id);
+    Py_CLEAR(self->parent); Py_CLEAR(self->token);
+    return 0;
+}
+
+static void act_dealloc(Activity *self) {
+    PyObject_GC_UnTrack(self);
+    act_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int act_init(Activity *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"kind", "name", "index", "used", "params", NULL};
+    PyObject *kind, *name, *index = NULL, *used = Py_None, *params = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO", kwlist, &kind, &name, &index, &used,
+                                     &params))
+        return -1;
+    if (index == NULL) {
+        index = PyLong_FromLongLong(NO_STEP);
+        if (index == NULL) return -1;
+    } else {
+        Py_INCREF(index);
+    }
+    Py_INCREF(kind); Py_INCREF(name); Py_INCREF(used); Py_INCREF(params);
+    Py_INCREF(zero); Py_INCREF(zero); Py_INCREF(Py_None);
+    Py_XSETREF(self->kind, kind); Py_XSETREF(self->name, name); Py_XSETREF(self->index, index);
+    Py_XSETREF(self->inputs, used); Py_XSETREF(self->params, params);
+    Py_XSETREF(self->id, zero); Py_XSETREF(self->parent, zero); Py_XSETREF(self->token, Py_None);
+    return 0;
+}
+
+/* The API's agent (borrowed), or NULL without an error when there is none. */
+static PyObject *api_agent(void) {
+    if (api_globals == NULL) return NULL;
+    PyObject *agent = PyDict_GetItemWithError(api_globals, s_agent);
+    return agent == Py_None ? NULL : agent;
+}
+
+/* No agent and none to start lazily (a forked child's): capture is off. */
+static int capture_off(void) {
+    PyObject *info = PyDict_GetItemWithError(api_globals, s_fork_info);
+    if (info == NULL) return PyErr_Occurred() ? -1 : 1;
+    return info == Py_None;
+}
+
+static PyObject *act_enter(Activity *self, PyObject *unused) {
+    PyObject *agent = api_agent();
+    if (agent == NULL && PyErr_Occurred()) return NULL;
+    if (agent == NULL && self->token == Py_None && self->id == zero) {
+        int off = capture_off();  /* then start() is a no-op that marks the activity */
+        if (off < 0) return NULL;
+        if (off) {
+            Py_INCREF(Py_False);
+            Py_XSETREF(self->token, Py_False);
+            Py_INCREF(self);
+            return (PyObject *)self;
+        }
+    }
+    if (agent != NULL && self->token == Py_None && self->id == zero &&
+        (self->inputs == Py_None || (PyList_CheckExact(self->inputs) &&
+                                     PyList_GET_SIZE(self->inputs) == 0))) {
+        PyObject *aid, *parent;
+        int r = start_core(agent, self->name, self->kind, self->index, self->params, current_var,
+                           ROLE_PARAMETER, &aid, &parent);
+        if (r < 0) return NULL;
+        if (r == 1) {
+            Py_XSETREF(self->id, aid);
+            Py_XSETREF(self->parent, parent);
+            PyObject *token = PyContextVar_Set(current_var, self->id);
+            if (token == NULL) return NULL;
+            Py_XSETREF(self->token, token);
+            Py_INCREF(self);
+            return (PyObject *)self;
+        }
+    }
+    return PyObject_CallMethodNoArgs((PyObject *)self, s_start);
+}
+
+static PyObject *act_exit(Activity *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *res;
+    if (self->token == Py_False) {  /* started while capture was off: end() is a no-op */
+        Py_INCREF(Py_None);
+        Py_XSETREF(self->token, Py_None);
+        Py_RETURN_FALSE;
+    }
+    if (nargs < 1 || args[0] == Py_None) {
+        PyObject *agent = api_agent();
+        if (agent == NULL && PyErr_Occurred()) return NULL;
+        if (agent != NULL) {
+            int r = end_core(agent, self->id, self->token, current_var);
+            if (r < 0) return NULL;
+            if (r == 1) {
+                Py_INCREF(Py_None);
+                Py_XSETREF(self->token, Py_None);
+                Py_RETURN_FALSE;
+            }
+        }
+        res = PyObject_CallMethodNoArgs((PyObject *)self, s_end);
+    } else {
+        res = PyObject_CallMethodObjArgs((PyObject *)self, s_end, s_error,
+                                         nargs > 1 ? args[1] : Py_None, NULL);
+    }
+    if (res == NULL) return NULL;
+    Py_DECREF(res);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs) {
+    if (self->id == zero) {  /* not started, or capture off: nothing to relate */
+        Py_INCREF(self);
+        return (PyObject *)self;
+    }
+    if (PyTuple_GET_SIZE(args) == 0 && kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        PyObject *agent = api_agent();
+        if (agent == NULL && PyErr_Occurred()) return NULL;
+        if (agent != NULL) {
+            int r = values_core(agent, self->id, ROLE_GENERATED, kwargs);
+            if (r < 0) return NULL;
+            if (r == 1) { Py_INCREF(self); return (PyObject *)self; }
+        }
+    }
+    PyObject *method = PyObject_GetAttr((PyObject *)self, s_generated_py);
+    if (method == NULL) return NULL;
+    PyObject *res = PyObject_Call(method, args, kwargs);
+    Py_DECREF(method);
+    return res;
+}
+
+static PyMethodDef act_methods[] = {
+    {"__enter__", (PyCFunction)act_enter, METH_NOARGS, "start(); returns the activity"},
+    {"__exit__", (PyCFunction)(void (*)(void))act_exit, METH_FASTCALL,
+     "end(), or end('error', exc) when the block raised; never swallows the exception"},
+    {"generated", (PyCFunction)(void (*)(void))act_generated, METH_VARARGS | METH_KEYWORDS,
+     "generated(*entities, **values): what the activity produced"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef act_members[] = {
+    {"kind", T_OBJECT, offsetof(Activity, kind), 0, NULL},
+    {"name", T_OBJECT, offsetof(Activity, name), 0, NULL},
+    {"index", T_OBJECT, offsetof(Activity, index), 0, NULL},
+    {"params", T_OBJECT, offsetof(Activity, params), 0, NULL},
+    {"inputs", T_OBJECT, offsetof(Activity, inputs), 0, NULL},
+    {"id", T_OBJECT, offsetof(Activity, id), 0, NULL},
+    {"parent", T_OBJECT, offsetof(Activity, parent), 0, NULL},
+    {"_token", T_OBJECT, offsetof(Activity, token), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ActivityType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "provhpc._fast.ActivityBase",
+    .tp_basicsize = sizeof(Activity),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The C base of provhpc.api.Activity (fields, with-block, generated).",
+    .tp_traverse = (traverseproc)act_traverse,
+    .tp_clear = (inquiry)act_clear,
+    .tp_dealloc = (destructor)act_dealloc,
+    .tp_init = (initproc)act_init,
+    .tp_new = PyType_GenericNew,
+    .tp_methods = act_methods,
+    .tp_members = act_members,
+};
+
+/* ---------------------------------------------------------------- Factory
+ * ``provhpc.task``: ``task("name", used=[...], **params)`` builds the activity here;
+ * every other call (a bare ``@task``, a name by keyword, bad arguments) goes to the
+ * Python factory given at creation, which also raises the errors. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *cls, *kind, *slow, *doc;
+    vectorcallfunc vectorcall;
+} Factory;
+
+static PyObject *no_step;  /* NO_STEP as an int object */
+static PyObject *s_used, *s_name_kw;
+
+static PyObject *factory_vectorcall(Factory *self, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs != 1 || !PyUnicode_CheckExact(args[0]) || PyUnicode_GET_LENGTH(args[0]) == 0)
+        return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+    PyObject *used = Py_None, *params = Py_None;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_Compare(key, s_name_kw) == 0) {  /* name twice: let Python say so */
+            if (params != Py_None) Py_DECREF(params);
+            return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+        }
+        if (PyUnicode_Compare(key, s_used) == 0) {
+            used = args[nargs + i];
+            continue;
+        }
+        if (params == Py_None && (params = PyDict_New()) == NULL) return NULL;
+        if (PyDict_SetItem(params, key, args[nargs + i]) < 0) {
+            Py_DECREF(params);
+            return NULL;
+        }
+    }
+    PyTypeObject *tp = (PyTypeObject *)self->cls;
+    Activity *act = (Activity *)tp->tp_alloc(tp, 0);
+    if (act == NULL) {
+        if (params != Py_None) Py_DECREF(params);
+        return NULL;
+    }
+    Py_INCREF(self->kind); Py_INCREF(args[0]); Py_INCREF(no_step); Py_INCREF(used);
+    if (params == Py_None) Py_INCREF(params);
+    Py_INCREF(zero); Py_INCREF(zero); Py_INCREF(Py_None);
+    act->kind = self->kind; act->name = args[0]; act->index = no_step; act->inputs = used;
+    act->params = params; act->id = zero; act->parent = zero; act->token = Py_None;
+    return (PyObject *)act;
+}
+
+static PyObject *factory_call(Factory *self, PyObject *args, PyObject *kwargs) {
+    return PyObject_Call(self->slow, args, kwargs);
+}
+
+static int factory_traverse(Factory *self, visitproc visit, void *arg) {
+    Py_VISIT(self->cls); Py_VISIT(self->kind); Py_VISIT(self->slow); Py_VISIT(self->doc);
+    return 0;
+}
+
+static int factory_clear(Factory *self) {
+    Py_CLEAR(self->cls); Py_CLEAR(self->kind); Py_CLEAR(self->slow); Py_CLEAR(self->doc);
+    return 0;
+}
+
+static void factory_dealloc(Factory *self) {
+    PyObject_GC_UnTrack(self);
+    factory_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *factory_get_doc(Factory *self, void *closure) {
+    Py_INCREF(self->doc);
+    return self->doc;
+}
+
+static PyObject *factory_get_wrapped(Factory *self, void *closure) {
+    Py_INCREF(self->slow);
+    return self->slow;
+}
+
+static PyObject *factory_repr(Factory *self) {
+    return PyUnicode_FromFormat("<provhpc %U factory>", self->kind);
+}
+
+static PyGetSetDef factory_getset[] = {
+    {"__doc__", (getter)factory_get_doc, NULL, NULL, NULL},
+    {"__wrapped__", (getter)factory_get_wrapped, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject FactoryType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "provhpc._fast.Factory",
+    .tp_basicsize = sizeof(Factory),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Factory, vectorcall),
+    .tp_call = (ternaryfunc)factory_call,
+    .tp_traverse = (traverseproc)factory_traverse,
+    .tp_clear = (inquiry)factory_clear,
+    .tp_dealloc = (destructor)factory_dealloc,
+    .tp_getset = factory_getset,
+    .tp_repr = (reprfunc)factory_repr,
+};
+
+/* factory(cls, kind, slow, doc): ``cls`` must be a subclass of ActivityBase. */
+static PyObject *fast_factory(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &ActivityType) ||
+        !PyUnicode_CheckExact(args[1]) || !PyCallable_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "factory(cls, kind, slow, doc)");
+        return NULL;
+    }
+    Factory *f = PyObject_GC_New(Factory, &FactoryType);
+    if (f == NULL) return NULL;
+    for (int i = 0; i < 4; i++) Py_INCREF(args[i]);
+    f->cls = args[0]; f->kind = args[1]; f->slow = args[2]; f->doc = args[3];
+    f->vectorcall = (vectorcallfunc)factory_vectorcall;
+    PyObject_GC_Track(f);
+    return (PyObject *)f;
+}
+
+/* bind(api_globals, current) */
+static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind(api_globals, current)");
+        return NULL;
+    }
+    Py_INCREF(args[0]); Py_INCREF(args[1]);
+    Py_XSETREF(api_globals, args[0]);
+    Py_XSETREF(current_var, args[1]);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"start", (PyCFunction)(void (*)(void))fast_start, METH_FASTCALL,
+     "start(agent, activity, current, role) -> bool"},
+    {"end", (PyCFunction)(void (*)(void))fast_end, METH_FASTCALL,
+     "end(agent, activity, current) -> bool"},
+    {"values", (PyCFunction)(void (*)(void))fast_values, METH_FASTCALL,
+     "values(agent, owner, role, values) -> bool"},
+    {"factory", (PyCFunction)(void (*)(void))fast_factory, METH_FASTCALL,
+     "factory(cls, kind, slow, doc): a fast callable for cls(kind, name, ...)"},
+    {"bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
+     "bind(api_globals, current): where ActivityBase finds the agent and the current activity"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fast",
+                                    "The owner thread's hot path of provhpc.api, in C.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fast(void) {
+    const uint16_t one = 1;
+    if (*(const uint8_t *)&one != 1) {  /* the records are little-endian */
+        PyErr_SetString(PyExc_ImportError, "provhpc._fast needs a little-endian machine");
+        return NULL;
+    }
+    if (sizeof(record_t) != 64) {
+        PyErr_SetString(PyExc_ImportError, "provhpc._fast: record is not 64 bytes");
+        return NULL;
+    }
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+    INTERN(s_owner, "_owner"); INTERN(s_fast_end, "fast_end"); INTERN(s_off, "_off");
+    INTERN(s_mm, "_mm"); INTERN(s_strings, "_strings"); INTERN(s_h_attr, "h_attr");
+    INTERN(s_h_start, "h_start"); INTERN(s_h_end, "h_end"); INTERN(s_next_id, "next_id");
+    INTERN(s_open_activities, "open_activities"); INTERN(s_name, "name");
+    INTERN(s_kind, "kind"); INTERN(s_index, "index"); INTERN(s_params, "params");
+    INTERN(s_id, "id"); INTERN(s_parent, "parent"); INTERN(s_token, "_token");
+    INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
+    INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
+    if ((zero = PyLong_FromLong(0)) == NULL) return NULL;
+    INTERN(s_used, "used"); INTERN(s_name_kw, "name");
+#undef INTERN
+    if ((no_step = PyLong_FromLongLong(NO_STEP)) == NULL) return NULL;
+    if (PyType_Ready(&ActivityType) < 0 || PyType_Ready(&FactoryType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&ActivityType);
+    if (PyModule_AddObject(m, "ActivityBase", (PyObject *)&ActivityType) < 0) {
+        Py_DECREF(&ActivityType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
