@@ -42,18 +42,6 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* 1: an int attribute read into *out; 0: absent or not an int (caller falls back); -1 error */
-static int get_i64(PyObject *obj, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    if (!PyLong_Check(v)) { Py_DECREF(v); return 0; }
-    int overflow = 0;
-    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
-    Py_DECREF(v);
-    if (*out == -1 && PyErr_Occurred()) return -1;
-    return overflow ? 0 : 1;
-}
-
 static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
     PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL) return -1;
@@ -77,7 +65,7 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
 /* What never changes in an agent's life, read once per agent (the cache holds a strong
  * reference, so a new agent is never mistaken for a freed one at the same address). */
 typedef struct {
-    PyObject *agent, *strings, *mm, *next_id, *opened;
+    PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
     uint64_t h_start, h_end, h_attr[5];
     unsigned long owner;
     int has_owner;
@@ -87,7 +75,7 @@ static state_t cached;
 
 static void state_clear(state_t *st) {
     Py_CLEAR(st->agent); Py_CLEAR(st->strings); Py_CLEAR(st->mm); Py_CLEAR(st->next_id);
-    Py_CLEAR(st->opened);
+    Py_CLEAR(st->opened); Py_CLEAR(st->dict);
 }
 
 static state_t *state_of(PyObject *agent) {
@@ -100,6 +88,8 @@ static state_t *state_of(PyObject *agent) {
     if ((st.mm = PyObject_GetAttr(agent, s_mm)) == NULL) goto fail;
     if ((st.next_id = PyObject_GetAttr(agent, s_next_id)) == NULL) goto fail;
     if ((st.opened = PyObject_GetAttr(agent, s_open_activities)) == NULL) goto fail;
+    /* _off and fast_end change all the time: read and written in the instance dict */
+    if ((st.dict = PyObject_GenericGetDict(agent, NULL)) == NULL) goto fail;
     if (!PyDict_CheckExact(st.strings) || !PyDict_CheckExact(st.opened)) {
         PyErr_SetString(PyExc_TypeError, "provhpc._fast: agent._strings/open_activities");
         goto fail;
@@ -134,12 +124,22 @@ fail:
 }
 
 /* The owner thread may write n records at the agent's current offset: 1 and *off set; 0 no. */
+static int dict_i64(PyObject *dict, PyObject *key, long long *out) {
+    PyObject *v = PyDict_GetItemWithError(dict, key);  /* borrowed */
+    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
+    if (!PyLong_CheckExact(v)) return 0;
+    int overflow = 0;
+    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (*out == -1 && PyErr_Occurred()) return -1;
+    return overflow ? 0 : 1;
+}
+
 static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
     long long fast_end;
     int r;
     if (!st->has_owner || st->owner != PyThread_get_thread_ident()) return 0;
-    if ((r = get_i64(agent, s_fast_end, &fast_end)) <= 0) return r;
-    if ((r = get_i64(agent, s_off, off)) <= 0) return r;
+    if ((r = dict_i64(st->dict, s_fast_end, &fast_end)) <= 0) return r;
+    if ((r = dict_i64(st->dict, s_off, off)) <= 0) return r;
     return *off + n * (long long)sizeof(record_t) <= fast_end;
 }
 
@@ -158,7 +158,7 @@ static int commit(PyObject *agent, state_t *st, long long off, const record_t *r
     PyBuffer_Release(&view);
     PyObject *end = PyLong_FromLongLong(off + size);
     if (end == NULL) return -1;
-    int r = PyObject_SetAttr(agent, s_off, end);
+    int r = PyDict_SetItem(st->dict, s_off, end);
     Py_DECREF(end);
     return r;
 }
@@ -665,6 +665,213 @@ static PyObject *fast_factory(PyObject *module, PyObject *const *args, Py_ssize_
     return (PyObject *)f;
 }
 
+/* ---------------------------------------------------------------- Decorated
+ * What ``@task`` / ``@stage`` / ``@epoch`` return: calls ``fn`` inside a fresh
+ * activity, its arguments as parameters and its return value as generated values,
+ * like the Python wrapper in provhpc.api._decorate (which it replaces when built).
+ * A dict result with str keys is written here; any other result goes through
+ * api._record_return.  Has a __dict__ (functools.update_wrapper fills it) and binds
+ * as a method like a function. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn, *cls, *kind, *name, *index, *inputs, *argnames, *dict;
+    char record_args, count_index;
+    long long counter;
+    vectorcallfunc vectorcall;
+} Decorated;
+
+static PyObject *s_self, *s_cls, *s_record_return, *empty_tuple;
+
+static PyObject *call_fn(Decorated *self, PyObject *const *args, size_t nargsf,
+                         PyObject *kwnames) {
+    return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+}
+
+/* The block raised: end the activity as an error, keep the exception. */
+static void end_with_error(Activity *act) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) PyException_SetTraceback(value, tb);
+    PyObject *args[3] = {type, value ? value : Py_None, tb ? tb : Py_None};
+    PyObject *res = act_exit(act, args, 3);
+    if (res == NULL) {  /* ending failed: that error wins, chained like a with-block */
+        Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+        return;
+    }
+    Py_DECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+static PyObject *decorated_vectorcall(Decorated *self, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    PyObject *agent = api_agent();
+    if (agent == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        int off = capture_off();
+        if (off < 0) return NULL;
+        if (off) return call_fn(self, args, nargsf, kwnames);
+    }
+    PyObject *params = Py_None, *index;
+    if (self->record_args) {
+        if ((params = PyDict_New()) == NULL) return NULL;
+        Py_ssize_t m = PyTuple_GET_SIZE(self->argnames);
+        for (Py_ssize_t i = 0; i < nargs && i < m; i++) {
+            PyObject *key = PyTuple_GET_ITEM(self->argnames, i);
+            if (PyUnicode_Compare(key, s_self) == 0 || PyUnicode_Compare(key, s_cls) == 0)
+                continue;
+            if (PyDict_SetItem(params, key, args[i]) < 0) { Py_DECREF(params); return NULL; }
+        }
+        for (Py_ssize_t i = 0; i < nkw; i++)
+            if (PyDict_SetItem(params, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+                Py_DECREF(params);
+                return NULL;
+            }
+    } else {
+        Py_INCREF(params);
+    }
+    if (self->count_index) {
+        if ((index = PyLong_FromLongLong(self->counter++)) == NULL) { Py_DECREF(params); return NULL; }
+    } else {
+        index = self->index;
+        Py_INCREF(index);
+    }
+    PyTypeObject *tp = (PyTypeObject *)self->cls;
+    Activity *act = (Activity *)tp->tp_alloc(tp, 0);
+    if (act == NULL) { Py_DECREF(params); Py_DECREF(index); return NULL; }
+    Py_INCREF(self->kind); Py_INCREF(self->name); Py_INCREF(self->inputs);
+    Py_INCREF(zero); Py_INCREF(zero); Py_INCREF(Py_None);
+    act->kind = self->kind; act->name = self->name; act->index = index;
+    act->inputs = self->inputs; act->params = params; act->id = zero; act->parent = zero;
+    act->token = Py_None;
+    PyObject *entered = act_enter(act, NULL), *result = NULL;
+    if (entered == NULL) goto done;
+    Py_DECREF(entered);
+    result = call_fn(self, args, nargsf, kwnames);
+    if (result == NULL) { end_with_error(act); goto done; }
+    if (result != Py_None && act->id != zero) {  /* what it returned: generated values */
+        PyObject *rec;
+        if (PyDict_CheckExact(result)) {
+            Py_ssize_t pos = 0;
+            PyObject *key, *value;
+            int all_str = 1;
+            while (PyDict_Next(result, &pos, &key, &value))
+                if (!PyUnicode_Check(key)) { all_str = 0; break; }
+            rec = all_str ? act_generated(act, empty_tuple, result) : (Py_INCREF(Py_None), Py_None);
+        } else {
+            PyObject *fn = PyDict_GetItemWithError(api_globals, s_record_return);
+            rec = fn == NULL ? NULL : PyObject_CallFunctionObjArgs(fn, (PyObject *)act, result, NULL);
+            if (fn == NULL && !PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "provhpc._fast: no api._record_return");
+        }
+        if (rec == NULL) { Py_CLEAR(result); end_with_error(act); goto done; }
+        Py_DECREF(rec);
+    }
+    PyObject *none3[3] = {Py_None, Py_None, Py_None};
+    PyObject *res = act_exit(act, none3, 3);
+    if (res == NULL) { Py_CLEAR(result); goto done; }
+    Py_DECREF(res);
+done:
+    Py_DECREF(act);
+    return result;
+}
+
+static PyObject *decorated_call(Decorated *self, PyObject *args, PyObject *kwargs) {
+    return PyVectorcall_Call((PyObject *)self, args, kwargs);
+}
+
+static PyObject *decorated_get(PyObject *self, PyObject *obj, PyObject *type) {
+    if (obj == NULL || obj == Py_None) { Py_INCREF(self); return self; }
+    return PyMethod_New(self, obj);  /* a method, like a plain function */
+}
+
+static int decorated_traverse(Decorated *self, visitproc visit, void *arg) {
+    Py_VISIT(self->fn); Py_VISIT(self->cls); Py_VISIT(self->kind); Py_VISIT(self->name);
+    Py_VISIT(self->index); Py_VISIT(self->inputs); Py_VISIT(self->argnames);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int decorated_clear(Decorated *self) {
+    Py_CLEAR(self->fn); Py_CLEAR(self->cls); Py_CLEAR(self->kind); Py_CLEAR(self->name);
+    Py_CLEAR(self->index); Py_CLEAR(self->inputs); Py_CLEAR(self->argnames);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void decorated_dealloc(Decorated *self) {
+    PyObject_GC_UnTrack(self);
+    decorated_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *decorated_repr(Decorated *self) {
+    return PyUnicode_FromFormat("<provhpc %U %R>", self->kind, self->fn);
+}
+
+/* pickled by reference, like the function it wraps (module + qualified name) */
+static PyObject *decorated_reduce(PyObject *self, PyObject *unused) {
+    return PyObject_GetAttrString(self, "__qualname__");
+}
+
+static PyMethodDef decorated_methods[] = {
+    {"__reduce__", (PyCFunction)decorated_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef decorated_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject DecoratedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "provhpc._fast.Decorated",
+    .tp_basicsize = sizeof(Decorated),
+    .tp_dictoffset = offsetof(Decorated, dict),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+                Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(Decorated, vectorcall),
+    .tp_call = (ternaryfunc)decorated_call,
+    .tp_descr_get = decorated_get,
+    .tp_traverse = (traverseproc)decorated_traverse,
+    .tp_clear = (inquiry)decorated_clear,
+    .tp_dealloc = (destructor)decorated_dealloc,
+    .tp_repr = (reprfunc)decorated_repr,
+    .tp_methods = decorated_methods,
+    .tp_getset = decorated_getset,
+    .tp_getattro = PyObject_GenericGetAttr,
+    .tp_setattro = PyObject_GenericSetAttr,
+};
+
+/* decorate(fn, cls, kind, name, index, inputs, argnames, record_args, count_index) */
+static PyObject *fast_decorate(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9 || !PyType_Check(args[1]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[1], &ActivityType) || !PyTuple_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "decorate(fn, cls, kind, name, index, inputs, "
+                        "argnames, record_args, count_index)");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[6]); i++)
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(args[6], i))) {
+            PyErr_SetString(PyExc_TypeError, "decorate: argnames must be str");
+            return NULL;
+        }
+    Decorated *d = PyObject_GC_New(Decorated, &DecoratedType);
+    if (d == NULL) return NULL;
+    for (int i = 0; i < 7; i++) Py_INCREF(args[i]);
+    d->fn = args[0]; d->cls = args[1]; d->kind = args[2]; d->name = args[3];
+    d->index = args[4]; d->inputs = args[5]; d->argnames = args[6]; d->dict = NULL;
+    d->record_args = (char)PyObject_IsTrue(args[7]);
+    d->count_index = (char)PyObject_IsTrue(args[8]);
+    d->counter = 0;
+    d->vectorcall = (vectorcallfunc)decorated_vectorcall;
+    PyObject_GC_Track(d);
+    return (PyObject *)d;
+}
+
 /* bind(api_globals, current) */
 static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyDict_Check(args[0])) {
@@ -684,6 +891,8 @@ static PyMethodDef methods[] = {
      "end(agent, activity, current) -> bool"},
     {"values", (PyCFunction)(void (*)(void))fast_values, METH_FASTCALL,
      "values(agent, owner, role, values) -> bool"},
+    {"decorate", (PyCFunction)(void (*)(void))fast_decorate, METH_FASTCALL,
+     "decorate(fn, cls, kind, name, index, inputs, argnames, record_args, count_index)"},
     {"factory", (PyCFunction)(void (*)(void))fast_factory, METH_FASTCALL,
      "factory(cls, kind, slow, doc): a fast callable for cls(kind, name, ...)"},
     {"bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
@@ -716,9 +925,13 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;
     INTERN(s_used, "used"); INTERN(s_name_kw, "name");
+    INTERN(s_self, "self"); INTERN(s_cls, "cls"); INTERN(s_record_return, "_record_return");
 #undef INTERN
+    if ((empty_tuple = PyTuple_New(0)) == NULL) return NULL;
     if ((no_step = PyLong_FromLongLong(NO_STEP)) == NULL) return NULL;
-    if (PyType_Ready(&ActivityType) < 0 || PyType_Ready(&FactoryType) < 0) return NULL;
+    if (PyType_Ready(&ActivityType) < 0 || PyType_Ready(&FactoryType) < 0 ||
+        PyType_Ready(&DecoratedType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     Py_INCREF(&ActivityType);

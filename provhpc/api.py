@@ -473,6 +473,10 @@ class Activity(_ActivityBase):
 def _decorate(fn, kind, name, index, inputs, record_args=True):
     code = getattr(fn, "__code__", None)
     argnames = code.co_varnames[:code.co_argcount] if code is not None else ()
+    if _fast is not None:  # the same wrapper in C (provhpc/_fast.c: Decorated)
+        return functools.update_wrapper(_fast.decorate(
+            fn, Activity, kind, name, index, inputs, tuple(argnames), record_args,
+            kind == "epoch" and index == _NO_STEP), fn)
     counter = [0]
 
     @functools.wraps(fn)

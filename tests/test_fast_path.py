@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+import provhpc
 from provhpc import api
 from provhpc.reader import Run
 
@@ -50,9 +51,57 @@ def walk():
     with t:
         pass
     @provhpc.task
-    def decorated(a, b):
+    def decorated(a, b, c=3):
         return {"y": a + b}
-    decorated(1, 2)
+    for i in range(3):
+        decorated(i, 2)
+        decorated(i, b=2.0, c="x")
+
+    class Model:
+        @provhpc.task("fit")
+        def fit(self, lr):
+            return lr * 2
+
+        @classmethod
+        @provhpc.task
+        def build(cls, width):
+            return None
+
+    m = Model()
+    for i in range(2):
+        m.fit(0.1)
+        Model.build(8)
+
+    @provhpc.epoch
+    def one_epoch(data):
+        return {1: "non-str key", "ignored": True}
+
+    @provhpc.stage
+    def evaluate():
+        return provhpc.data("report.txt", kind="report")
+
+    for i in range(3):
+        one_epoch([1, 2])
+        evaluate()
+
+    @provhpc.task
+    def broken(a):
+        raise ValueError("bad input")
+
+    for i in range(2):
+        try:
+            broken(i)
+        except ValueError:
+            pass
+
+    @provhpc.task
+    def bad_return():
+        return {"": 1}  # an empty key: the recording raises inside the activity
+
+    try:
+        bad_return()
+    except ValueError:
+        pass
     def in_thread():
         with provhpc.task("preprocess", a=1) as t:
             t.generated(y=1)
@@ -107,3 +156,33 @@ def test_c_and_python_paths_write_the_same_records(tmp_path):
             assert a.tolist() == b.tolist(), f
         else:
             assert np.array_equal(c[f], p[f], equal_nan=True), f
+
+
+def test_decorated_function_keeps_its_identity(tmp_path):
+    """``@task`` returns a wrapper that looks, binds and pickles like the function."""
+    import pickle
+
+    from provhpc.testing import capture
+
+    with capture(tmp_path, telemetry_interval=0) as cap:
+        m = _Model()
+        assert m.fit(0.5) == 1.0 and _twice(3) == 6
+        assert _Model.fit.__name__ == "fit" and _twice.__doc__ == "Twice x."
+        assert _twice.__wrapped__(4) == 8 and _twice.__qualname__ == "_twice"
+        assert pickle.loads(pickle.dumps(_twice)) is _twice
+    starts = cap.records("activity_start")
+    assert cap.strings(starts["name"]) == ["_Model.fit", "_twice"]
+    params = cap.records("attribute")
+    assert sorted(cap.strings(params["name"])) == ["lr", "return", "return", "x"]
+
+
+class _Model:
+    @provhpc.task
+    def fit(self, lr):
+        return lr * 2
+
+
+@provhpc.task
+def _twice(x):
+    """Twice x."""
+    return x * 2
