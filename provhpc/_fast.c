@@ -905,6 +905,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fast",
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fast(void) {
+#ifdef Py_GIL_DISABLED
+    /* everything here relies on the GIL (one writer at a time, the per-agent cache) */
+    PyErr_SetString(PyExc_ImportError, "provhpc._fast needs the GIL: the Python path runs");
+    return NULL;
+#endif
     const uint16_t one = 1;
     if (*(const uint8_t *)&one != 1) {  /* the records are little-endian */
         PyErr_SetString(PyExc_ImportError, "provhpc._fast needs a little-endian machine");
