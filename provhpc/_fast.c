@@ -34,7 +34,7 @@ typedef struct {
 
 static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
-    *s_parent, *s_token;
+    *s_parent;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -334,24 +334,6 @@ static int end_core(PyObject *agent, PyObject *id_obj, PyObject *token, PyObject
     }
     record_t rec = {st->h_end, id, 0, now_ns(), 0, 0, NO_STEP, STATUS_OK, 0.0};
     return commit(agent, st, off, &rec, 1) < 0 ? -1 : 1;
-}
-
-/* end(agent, activity, current) -> bool */
-static PyObject *fast_end(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "end(agent, activity, current)");
-        return NULL;
-    }
-    PyObject *act = args[1], *id = NULL, *token = NULL;
-    int r = -1;
-    if ((id = PyObject_GetAttr(act, s_id)) != NULL &&
-        (token = PyObject_GetAttr(act, s_token)) != NULL) {
-        r = end_core(args[0], id, token, args[2]);
-        if (r == 1 && PyObject_SetAttr(act, s_token, Py_None) < 0) r = -1;
-    }
-    Py_XDECREF(id);
-    Py_XDECREF(token);
-    return as_bool(r);
 }
 
 /* ---------------------------------------------------------------- ActivityBase
@@ -887,8 +869,6 @@ static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyMethodDef methods[] = {
     {"start", (PyCFunction)(void (*)(void))fast_start, METH_FASTCALL,
      "start(agent, activity, current, role) -> bool"},
-    {"end", (PyCFunction)(void (*)(void))fast_end, METH_FASTCALL,
-     "end(agent, activity, current) -> bool"},
     {"values", (PyCFunction)(void (*)(void))fast_values, METH_FASTCALL,
      "values(agent, owner, role, values) -> bool"},
     {"decorate", (PyCFunction)(void (*)(void))fast_decorate, METH_FASTCALL,
@@ -925,7 +905,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_h_start, "h_start"); INTERN(s_h_end, "h_end"); INTERN(s_next_id, "next_id");
     INTERN(s_open_activities, "open_activities"); INTERN(s_name, "name");
     INTERN(s_kind, "kind"); INTERN(s_index, "index"); INTERN(s_params, "params");
-    INTERN(s_id, "id"); INTERN(s_parent, "parent"); INTERN(s_token, "_token");
+    INTERN(s_id, "id"); INTERN(s_parent, "parent");
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;

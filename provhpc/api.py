@@ -424,8 +424,7 @@ class Activity(_ActivityBase):
         if agent is not None and self.id:
             for e in entities:
                 _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
-            if values and (_c_values is None or
-                           not _c_values(agent, self.id, ROLE_GENERATED, values)):
+            if values:
                 _write_values(agent, self.id, values, ROLE_GENERATED)
         return self
 
