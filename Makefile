@@ -10,13 +10,13 @@ NP ?= 4
 
 venv: $(STAMP)
 
-# provhpc/_fast.c: an edited C hot path is rebuilt (in place, by the editable install)
-$(STAMP): pyproject.toml provhpc/_fast.c
+# provhpc/capture/_fast.c: an edited C hot path is rebuilt (in place, by the editable install)
+$(STAMP): pyproject.toml provhpc/capture/_fast.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[all]' '$(TORCH)'
 	$(BIN)/python -c "import provhpc, mpi4py, h5py, zmq"
-	$(BIN)/python -c "import provhpc.api as a; print('provhpc: C hot path', 'built' if a._fast else 'NOT built (no compiler?): the pure-Python path runs')"
+	$(BIN)/python -c "import provhpc.capture.api as a; print('provhpc: C hot path', 'built' if a._fast else 'NOT built (no compiler?): the pure-Python path runs')"
 	test -x $(BIN)/mpiexec
 	touch $(STAMP)
 

@@ -26,7 +26,7 @@ import provhpc
 
 
 def report_aggregator(rank: int) -> None:
-    from provhpc import session
+    from provhpc.launch import session
 
     s = session.current()
     if s is None or s.aggregator is None:

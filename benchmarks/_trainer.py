@@ -193,7 +193,7 @@ def install_epoch_timer() -> None:
 
 
 def report(rank: int, variant: str, t_main: float) -> None:
-    from provhpc import api
+    from provhpc.capture import api
 
     agent = api._agent
     doc = {"rank": rank, "variant": variant, "train_s": _state["train_s"], "main_s": t_main,

@@ -53,7 +53,7 @@ def provhpc_rate(ranks: int, records: int, compression: str, work: str) -> dict:
 
 def raw_rows(n: int) -> np.ndarray:
     """Rows like the partition's metric records (after string remapping)."""
-    from provhpc import records as R
+    from provhpc.format import records as R
 
     rows = np.zeros(n, R.RECORD_DTYPE)
     rows["kind"] = R.METRIC
@@ -68,8 +68,8 @@ def raw_rows(n: int) -> np.ndarray:
 def raw_rate(total: int, batch: int, compression: str, work: str) -> dict:
     import h5py
 
-    from provhpc import partition as P
-    from provhpc import records as R
+    from provhpc.format import partition as P
+    from provhpc.format import records as R
 
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, "raw.h5")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     reps = args.reps or (2 if args.quick else 5)
     per_rank = args.records or (100_000 if args.quick else 250_000)
     comps = args.compression.split(",")
-    from provhpc import config
+    from provhpc.launch import config
 
     batch = config.load().slot_records
     total = per_rank * args.ranks

@@ -216,7 +216,7 @@ class Peers:
 
 def start_provhpc(out: str):
     import provhpc
-    from provhpc import api
+    from provhpc.capture import api
 
     for k in list(os.environ):
         if k.startswith(("PMI", "PMIX", "OMPI_", "HYDRA", "SLURM_", "MPI_LOCAL", "PROVHPC_")):

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/query.py [--records 10000000] [--dir /tmp/provhpc-qbench]
 
-Builds a synthetic run with the real writer (``provhpc.partition.PartitionWriter``,
+Builds a synthetic run with the real writer (``provhpc.format.partition.PartitionWriter``,
 one partition per node): per rank, raw input files (with content hashes),
 then training steps, each 8 records (task start, a parameter, used raw file,
 output entity, wasGeneratedBy, wasDerivedFrom, a loss metric, task end), and
@@ -43,11 +43,11 @@ import _common as C  # noqa: E402
 
 import provhpc  # noqa: E402
 from provhpc import records as R  # noqa: E402
-from provhpc.index import build as build_index  # noqa: E402
-from provhpc.lineage import lineage  # noqa: E402
-from provhpc.partition import PartitionWriter  # noqa: E402
-from provhpc.query import select  # noqa: E402
-from provhpc.reader import Run  # noqa: E402
+from provhpc.format.partition import PartitionWriter  # noqa: E402
+from provhpc.post.indexing import build as build_index  # noqa: E402
+from provhpc.post.lineage import lineage  # noqa: E402
+from provhpc.post.query import select  # noqa: E402
+from provhpc.post.reader import Run  # noqa: E402
 
 PER_STEP = 8
 CKPT_EVERY = 1000

@@ -5,9 +5,8 @@ your program under ``provhpc run -- python script.py`` (with mpiexec or srun)
 to capture.
 """
 
-__version__ = "0.1.0"
-
-from .api import (  # noqa: E402
+from ._version import __version__
+from .capture.api import (
     Activity,
     Entity,
     attribute,
@@ -20,12 +19,12 @@ from .api import (  # noqa: E402
     task,
     used,
 )
-from .session import init, shutdown  # noqa: E402
+from .launch.session import init, shutdown
 
 
 def flush(timeout=None) -> bool:
     """Hand every record captured so far to the aggregator and wait until it is on disk."""
-    from . import api
+    from .capture import api
 
     agent = api._agent
     return True if agent is None else agent.flush(timeout)
@@ -33,7 +32,7 @@ def flush(timeout=None) -> bool:
 
 def open(path):  # noqa: A001 - the documented entry point, like h5py.File / io.open
     """Open a run directory (or a directory of runs) for queries."""
-    from .reader import open_path
+    from .post.reader import open_path
 
     return open_path(path)
 

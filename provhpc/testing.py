@@ -20,14 +20,14 @@ import secrets
 
 import numpy as np
 
-from . import api
-from . import config as _config
-from . import identity as _identity
-from . import records as R
-from .agent import Agent
-from .aggregator import Aggregator
-from .reader import Run
-from .segment import segment_name, shm_dir
+from .capture import api
+from .capture.agent import Agent
+from .format import records as R
+from .format.segment import segment_name, shm_dir
+from .launch import config as _config
+from .launch import identity as _identity
+from .node.aggregator import Aggregator
+from .post.reader import Run
 
 
 class Capture:

@@ -43,9 +43,9 @@ import atexit
 import os
 import time
 
-from . import api
-from . import records as R
-from . import session as _session
+from .capture import api
+from .format import records as R
+from .launch import session as _session
 
 MAX_LAYERS = 256  # leaf layers listed one by one; beyond that only counted
 _watcher: Watcher | None = None  # the latest watcher: save() derives from it by default
@@ -103,7 +103,7 @@ def world_info(model=None) -> dict:
     if dist.is_available() and dist.is_initialized():
         doc.update(world_size=dist.get_world_size(), rank=dist.get_rank(),
                    backend=str(dist.get_backend()))
-    from . import session
+    from .launch import session
 
     s = session.current()
     doc["local_rank"] = s.ident.local_rank if s is not None else \

@@ -19,7 +19,8 @@ run_part() {
 
 for part in "${parts[@]}"; do
   case $part in
-    lint) run_part lint $BIN/ruff check provhpc tests benchmarks examples ;;
+    lint) run_part lint $BIN/ruff check provhpc tests benchmarks examples
+          run_part lint-imports $BIN/lint-imports ;;
     unit) run_part unit $BIN/python -m pytest "${PYTEST[@]}" tests --ignore=tests/mpi \
             -m "not slurm and not multinode" ;;
     mpi)

@@ -3,8 +3,8 @@
 import json
 import subprocess
 
-from provhpc import config
-from provhpc.aggregator import Aggregator
+from provhpc.launch import config
+from provhpc.node.aggregator import Aggregator
 
 
 def _aggregator(tmp_path, sock):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import provhpc
-from provhpc import api
-from provhpc import records as R
+from provhpc.capture import api
+from provhpc.format import records as R
 from provhpc.testing import capture
 
 

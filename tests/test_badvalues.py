@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import provhpc
-from provhpc import records as R
-from provhpc.reader import Run
+from provhpc.format import records as R
+from provhpc.post.reader import Run
 from provhpc.testing import capture
 
 pytestmark = pytest.mark.timeout(60)

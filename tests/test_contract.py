@@ -15,8 +15,8 @@ import time
 import pytest
 
 import provhpc
-from provhpc import partition as PW
-from provhpc.reader import Run, summary
+from provhpc.format import partition as PW
+from provhpc.post.reader import Run, summary
 from provhpc.testing import capture
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 
 WATCH = """
 import sys, time
-from provhpc.partition import open_partition
+from provhpc.format.partition import open_partition
 path, deadline = sys.argv[1], time.time() + 10
 while time.time() < deadline:
     try:

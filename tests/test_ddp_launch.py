@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 import provhpc
-from provhpc import records as R
+from provhpc.format import records as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "train_ddp.py")

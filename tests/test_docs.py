@@ -3,7 +3,8 @@
 import os
 import re
 
-from provhpc import cli, config
+from provhpc import cli
+from provhpc.launch import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,7 +15,7 @@ def test_readme_settings_table_is_the_code_s():
     block = re.search(r"<!-- settings:begin -->\n(.*?)\n<!-- settings:end -->", readme, re.S)
     assert block, "README lost its settings markers"
     assert block.group(1).strip() == config.markdown_table(), \
-        "README settings table is stale: paste provhpc.config.markdown_table()"
+        "README settings table is stale: paste provhpc.launch.config.markdown_table()"
 
 
 def test_every_cli_verb_has_help():

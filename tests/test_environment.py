@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 
-from provhpc import config as C
-from provhpc import environment as E
-from provhpc import identity, session
+from provhpc.launch import config as C
+from provhpc.launch import environment as E
+from provhpc.launch import identity, session
 
 
 def _git(cwd, *args):

@@ -8,7 +8,7 @@ import pytest
 from _post_runs import build_run
 
 import provhpc
-from provhpc.export import export, to_prov
+from provhpc.post.export import export, to_prov
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_derivation_path_raw_to_checkpoint_in_document(run):
 def test_prov_n_and_lineage_subgraph(run):
     text = export(run, "prov-n")["text"]
     assert text.startswith("document") and "wasDerivedFrom(" in text
-    from provhpc.lineage import lineage
+    from provhpc.post.lineage import lineage
 
     ck = run.entities()[run.entities()["kind"] == "checkpoint"]["key"][0]
     sub = lineage(run, ck).to_prov()

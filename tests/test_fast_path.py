@@ -1,7 +1,7 @@
-"""The C hot path (provhpc/_fast.c) writes exactly what the pure-Python path writes.
+"""The C hot path (provhpc/capture/_fast.c) writes exactly what the pure-Python path writes.
 
 The same program runs twice in fresh interpreters: once with the extension, once
-with it blocked (``sys.modules["provhpc._fast"] = None``: what a machine without a
+with it blocked (``sys.modules["provhpc.capture._fast"] = None``: what a machine without a
 compiler gets).  Every record must match field by field, times aside.  The program
 walks the fast cases and every case the C code hands back to Python: first use of a
 string, values that need coercion, ``used=``, an exception in the block, nesting,
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 import provhpc
-from provhpc import api
-from provhpc.reader import Run
+from provhpc.capture import api
+from provhpc.post.reader import Run
 
 PROGRAM = r'''
 import json, os, sys, threading
 if sys.argv[2] == "python":
-    sys.modules["provhpc._fast"] = None
+    sys.modules["provhpc.capture._fast"] = None
 import provhpc
-from provhpc import api
+from provhpc.capture import api
 from provhpc.testing import capture
 
 def walk():

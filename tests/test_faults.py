@@ -36,9 +36,9 @@ from test_faults_lib import (
     write_program,
 )
 
-from provhpc.partition import open_partition
-from provhpc.reader import Run, summary
-from provhpc.recover import recover
+from provhpc.format.partition import open_partition
+from provhpc.node.recover import recover
+from provhpc.post.reader import Run, summary
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from provhpc import records as R
-from provhpc.partition import open_partition
-from provhpc.segment import shm_dir
+from provhpc.format import records as R
+from provhpc.format.partition import open_partition
+from provhpc.format.segment import shm_dir
 
 PROGRAM = r'''
 import mmap, os, struct, sys, time

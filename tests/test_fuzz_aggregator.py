@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import provhpc
-from provhpc import protocol as P
-from provhpc import records as R
-from provhpc import segment as S
+from provhpc.format import protocol as P
+from provhpc.format import records as R
+from provhpc.format import segment as S
 from provhpc.testing import capture
 
 pytestmark = pytest.mark.timeout(180)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from provhpc import config, identity
+from provhpc.launch import config, identity
 
 
 @pytest.mark.parametrize("env, expect", [

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from _post_runs import build_run
 
-from provhpc import cli, questions
-from provhpc.index import FILENAME, NotIndexable, StoredTable, _put_table, build
-from provhpc.lineage import graph, lineage
-from provhpc.query import select
-from provhpc.reader import TABLES, Run, summary
+from provhpc import cli
+from provhpc.post import questions
+from provhpc.post.index import FILENAME, NotIndexable, StoredTable, put_table
+from provhpc.post.indexing import build
+from provhpc.post.lineage import graph, lineage
+from provhpc.post.query import select
+from provhpc.post.reader import TABLES, Run, summary
 
 
 def _same_column(a, b) -> bool:
@@ -102,7 +104,7 @@ def test_changed_partition_makes_the_index_stale(tmp_path, caplog):
     part = os.path.join(d, "node-b.h5")
     with h5py.File(part, "r+") as f:  # a later change: recover, merge, a writer going on
         f.attrs["note"] = "changed"
-    with caplog.at_level(logging.WARNING, "provhpc.index"), Run(d) as run:
+    with caplog.at_level(logging.WARNING, "provhpc.post.index"), Run(d) as run:
         assert run.index is None
         assert "stale" in caplog.text and FILENAME in caplog.text
         with Run(d, use_index=False) as slow:
@@ -116,7 +118,7 @@ def test_corrupt_index_is_ignored(tmp_path, caplog):
     d = build_run(tmp_path, "run-bad")
     with open(os.path.join(d, FILENAME), "wb") as fh:
         fh.write(b"not hdf5" * 100)
-    with caplog.at_level(logging.WARNING, "provhpc.index"), Run(d) as run:
+    with caplog.at_level(logging.WARNING, "provhpc.post.index"), Run(d) as run:
         assert run.index is None and len(run.tasks())
     assert "cannot open the run index" in caplog.text
 
@@ -137,7 +139,7 @@ def test_mixed_values_round_trip(tmp_path):
     arr = np.zeros(9, [("v", "O"), ("n", "<i8")])
     arr["v"], arr["n"] = col, np.arange(9)
     with h5py.File(tmp_path / "t.h5", "w") as f:
-        _put_table(f.create_group("t"), arr)
+        put_table(f.create_group("t"), arr)
         st = StoredTable(f["t"], arr.dtype)
         assert _same(st.full(), arr)
         assert _same(st.rows([8, 2, 4]), arr[[8, 2, 4]])

@@ -15,8 +15,8 @@ import time
 import h5py
 import numpy as np
 
-from provhpc import records as R
-from provhpc.reader import Run
+from provhpc.format import records as R
+from provhpc.post.reader import Run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMIT = os.path.join(HERE, "programs", "emit.py")

@@ -7,7 +7,7 @@ import pytest
 from _post_runs import build_run, write_file
 
 import provhpc
-from provhpc.lineage import graph, lineage
+from provhpc.post.lineage import graph, lineage
 from provhpc.testing import capture
 
 

@@ -17,15 +17,16 @@ import time
 import pytest
 import zmq
 
-from provhpc import cli, netkey
-from provhpc import protocol as P
-from provhpc.agent import Agent
-from provhpc.aggregator import Aggregator
-from provhpc.config import load
-from provhpc.identity import Identity
-from provhpc.reader import Run
-from provhpc.records import METRIC, V_FLOAT
-from provhpc.segment import segment_name, shm_dir
+from provhpc import cli
+from provhpc.capture.agent import Agent
+from provhpc.format import netkey
+from provhpc.format import protocol as P
+from provhpc.format.records import METRIC, V_FLOAT
+from provhpc.format.segment import segment_name, shm_dir
+from provhpc.launch.config import load
+from provhpc.launch.identity import Identity
+from provhpc.node.aggregator import Aggregator
+from provhpc.post.reader import Run
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")]

@@ -5,8 +5,8 @@ import pytest
 from _post_runs import build_run
 
 import provhpc
-from provhpc import questions as Q
-from provhpc.query import parse_term, select
+from provhpc.post import questions as Q
+from provhpc.post.query import parse_term, select
 
 
 @pytest.fixture(scope="module")

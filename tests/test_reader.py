@@ -8,7 +8,7 @@ import pytest
 from _post_runs import build_run
 
 import provhpc
-from provhpc.reader import Collection, PartitionError, Run, summary
+from provhpc.post.reader import Collection, PartitionError, Run, summary
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_corrupt_partition_is_named_and_others_stay_readable(tmp_path):
     assert set(tasks["node"]) == {"node-a"} and len(tasks) > 0
     assert list(run.errors) == [bad] and bad in run.errors[bad]
     with pytest.raises(PartitionError, match="node-b.h5"):
-        provhpc.reader.Partition(bad)
+        provhpc.post.reader.Partition(bad)
 
 
 def test_garbage_and_missing_partitions(tmp_path):
@@ -106,7 +106,7 @@ def test_select_divides_partitions(run_dir):
 
 
 def test_merge_compacts_partitions(run_dir, tmp_path):
-    from provhpc.merge import merge
+    from provhpc.post.merge import merge
 
     res = merge([run_dir], str(tmp_path / "m"))
     merged = Run(res["runs"][0]["path"].rsplit("/", 1)[0])

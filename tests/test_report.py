@@ -7,8 +7,8 @@ import numpy as np
 from _post_runs import build_run
 
 import provhpc
-from provhpc import records as R
-from provhpc.report import report, x_axis
+from provhpc.format import records as R
+from provhpc.post.report import report, x_axis
 
 
 def test_report_writes_html_and_plots(tmp_path):

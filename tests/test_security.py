@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from provhpc import session
-from provhpc.aggregator import Aggregator
-from provhpc.config import load
-from provhpc.segment import Segment, segment_name, shm_dir
+from provhpc.format.segment import Segment, segment_name, shm_dir
+from provhpc.launch import session
+from provhpc.launch.config import load
+from provhpc.node.aggregator import Aggregator
 
 pytestmark = pytest.mark.timeout(90)
 

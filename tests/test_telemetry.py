@@ -9,9 +9,10 @@ import types
 
 import pytest
 
-from provhpc import config as C
-from provhpc import identity, telemetry
-from provhpc import records as R
+from provhpc.format import records as R
+from provhpc.launch import config as C
+from provhpc.launch import identity
+from provhpc.node import telemetry
 from provhpc.testing import capture
 
 BURN = """

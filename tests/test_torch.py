@@ -7,8 +7,8 @@ import torch  # the optional extra: `make test` installs torch==2.13.0 (CPU)
 
 import provhpc
 import provhpc.torch as ptorch
-from provhpc import records as R
-from provhpc.api import file_hash
+from provhpc.capture.api import file_hash
+from provhpc.format import records as R
 from provhpc.testing import capture
 
 torch.set_num_threads(1)
@@ -226,7 +226,7 @@ def test_pending_values_reach_the_partition_when_provhpc_run_exits(tmp_path, ven
     """`provhpc run` shuts the session down before atexit: the watcher flushes first."""
     import subprocess
 
-    from provhpc.reader import Run
+    from provhpc.post.reader import Run
 
     script = tmp_path / "short.py"
     script.write_text("import torch, provhpc.torch as pt\n"

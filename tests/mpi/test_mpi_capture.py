@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import provhpc
-from provhpc import records as R
-from provhpc.reader import Run
+from provhpc.format import records as R
+from provhpc.post.reader import Run
 
 
 def _capture_run(comm, out, n, **settings):

@@ -13,9 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def test_summary_and_query_divide_partitions(tmp_path):
     from mpi4py import MPI
 
-    from provhpc.mpi_post import gather_or_raise, share
-    from provhpc.query import select
-    from provhpc.reader import Run, summary
+    from provhpc.post.mpi_post import gather_or_raise, share
+    from provhpc.post.query import select
+    from provhpc.post.reader import Run, summary
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -49,7 +49,7 @@ def test_summary_and_query_divide_partitions(tmp_path):
 def test_a_failing_rank_does_not_deadlock():
     from mpi4py import MPI
 
-    from provhpc.mpi_post import RankFailed, gather_or_raise
+    from provhpc.post.mpi_post import RankFailed, gather_or_raise
 
     comm = MPI.COMM_WORLD
 

@@ -4,7 +4,7 @@ The kernel kills everything of node3 at once (slurmd, ranks, aggregator) and
 its /dev/shm goes with it.  SLURM notices in 10-18 s and ends the step.  The
 other nodes' partitions must be complete and consistent, the job must end,
 and node3's partition must be readable (SWMR, then rebuilt complete by
-provhpc.recover.recover) with records from before the kill only, of node3's
+provhpc.node.recover.recover) with records from before the kill only, of node3's
 ranks only.  Runs last (see conftest); restarts the cluster when done.
 """
 
@@ -19,8 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from provhpc import records as R
-from provhpc.recover import recover
+from provhpc.format import records as R
+from provhpc.node.recover import recover
 
 from .conftest import (
     NODES,

@@ -24,12 +24,13 @@ import time
 import numpy as np
 import zmq
 
-from . import __version__, netkey
-from . import protocol as P
+from .._version import __version__
+from ..format import netkey
+from ..format import protocol as P
+from ..format.partition import PartitionWriter
+from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
+from ..format.segment import DROP_REASONS, Segment, segment_name, shm_dir
 from . import telemetry as _telemetry
-from .partition import PartitionWriter
-from .records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
-from .segment import DROP_REASONS, Segment, segment_name, shm_dir
 
 log = logging.getLogger("provhpc.aggregator")
 
@@ -500,7 +501,7 @@ class Aggregator:
             return
         for name in names:
             m = _ORPHAN_RE.match(name[len(prefix):]) if name.startswith(prefix) else None
-            if m is None or int(m.group(2)) in known or _alive(int(m.group(2))):
+            if m is None or int(m.group(2)) in known or pid_alive(int(m.group(2))):
                 continue
             rank, pid = int(m.group(1)), int(m.group(2))
             self._orphans.add(pid)
@@ -527,7 +528,7 @@ class Aggregator:
             if s.closed:
                 continue
             if s.mode == "shm":
-                if not _alive(s.pid):
+                if not pid_alive(s.pid):
                     self._salvage(s, "killed")
             elif now - s.last_seen > max(10.0, 20 * self.cfg.heartbeat):
                 self._close_stream(s, "lost", -1, time.time_ns(), -1, {})
@@ -619,10 +620,10 @@ def _live_aggregator(ready_path: str) -> int:
             pid = int(json.load(fh)["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    return pid if pid != os.getpid() and _alive(pid) else 0
+    return pid if pid != os.getpid() and pid_alive(pid) else 0
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-from . import records as R
+from ..format import records as R
 
 log = logging.getLogger("provhpc.telemetry")
 

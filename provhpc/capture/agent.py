@@ -10,6 +10,7 @@ it is never held across I/O or while waiting for the aggregator.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -23,9 +24,9 @@ from collections import deque
 
 import zmq
 
-from . import netkey
-from . import protocol as P
-from .records import (
+from ..format import netkey
+from ..format import protocol as P
+from ..format.records import (
     ACTIVITY_END,
     ACTIVITY_START,
     ATTRIBUTE,
@@ -44,7 +45,7 @@ from .records import (
     coerce,
     header,
 )
-from .segment import DROP_REASONS, FILLING, FREE, SEALED, Segment
+from ..format.segment import DROP_REASONS, FILLING, FREE, SEALED, Segment, segment_name, shm_dir
 
 log = logging.getLogger("provhpc.agent")
 
@@ -578,3 +579,12 @@ def drop_reason_name(index: int) -> str:
 
 
 __all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]
+
+
+def start_worker_agent(cfg, ident, run_id, endpoint):
+    """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
+    pid = os.getpid()
+    seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))
+    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker")
+    atexit.register(agent.shutdown)
+    return agent

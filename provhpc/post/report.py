@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
+from ..format import records as R
 from . import questions as Q
-from . import records as R
 from .reader import summary
 
 _COLORS = {"run": "#dddddd", "stage": "#4c72b0", "epoch": "#55a868", "task": "#c44e52"}

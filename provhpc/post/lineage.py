@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 
+from .prov import document
 from .tables import as_table, lookup, pair_keys
 
 NODE_DTYPE = np.dtype([
@@ -143,7 +144,7 @@ class Graph:
 
     @classmethod
     def from_index(cls, run) -> Graph:
-        """The graph of one run as its index stored it (``provhpc.index``)."""
+        """The graph of one run as its index stored it (``provhpc.post.index``)."""
         a = run.index.graph_arrays()
         g = cls.__new__(cls)
         g._nodes, g._edges = None, None
@@ -153,6 +154,11 @@ class Graph:
         g._entity_records = None
         g._entity_source = run
         return g
+
+    @property
+    def csr(self) -> dict:
+        """The graph's adjacency per direction: ``{direction: (indptr, nbr, edge)}``."""
+        return self._csr
 
     @property
     def nodes(self):
@@ -375,11 +381,9 @@ class Lineage:
         return {"direction": self.direction, "start": [int(s) for s in self.start],
                 "nodes": self.nodes.to_dicts(), "edges": self.edges.to_dicts()}
 
-    def to_prov(self, **kw):
+    def to_prov(self):
         """This subgraph as a ``prov.model.ProvDocument`` (needs the ``prov`` package)."""
-        from .export import to_prov
-
-        return to_prov(self.graph.runs_for_export, lineage=self, **kw)
+        return document(self.graph.runs_for_export, self.graph, lineage=self)
 
 
 def graph(run_or_collection) -> Graph:

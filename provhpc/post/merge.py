@@ -15,15 +15,15 @@ import shutil
 
 import numpy as np
 
-from .partition import COUNTERS, PartitionWriter
-from .reader import Collection, Run, _is_run_dir
+from ..format.partition import COUNTERS, PartitionWriter
+from .reader import Collection, Run, is_run_dir
 
 CHUNK = 1 << 20
 
 
 def _runs(sources):
     for src in sources:
-        if _is_run_dir(src):
+        if is_run_dir(src):
             yield Run(src)
         else:
             yield from Collection(src)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from . import records as R
+from ..format import records as R
 from .lineage import graph, lineage
 from .query import attributes_of
 from .tables import as_table, pair_keys

@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
-from . import records as R
-from .aggregator import _alive
-from .partition import PartitionWriter, open_partition
-from .segment import FREE, Segment, shm_dir
+from ..format import records as R
+from ..format.partition import PartitionWriter, open_partition
+from ..format.segment import FREE, Segment, shm_dir
+from .aggregator import pid_alive
 
 log = logging.getLogger("provhpc.recover")
 
@@ -116,7 +116,7 @@ def _leftover_segments(run_dir: str, run_id: str, nodes: set, force: bool, repor
             continue  # a run whose id starts with ours (run "a" vs run "a-b")
         entry = {"path": os.path.join(d, name), "node": node, "rank": rank, "pid": pid}
         report["segments"].append(entry)
-        if _alive(pid) and not force:
+        if pid_alive(pid) and not force:
             entry["action"] = "skipped: process alive"
             continue
         found.append(entry)
@@ -138,7 +138,7 @@ def _repair(path: str, node: str, segs: list, force: bool, report: dict) -> bool
     if complete and not segs:
         report["partitions"].append({"path": path, "action": "ok"})
         return True
-    if not complete and wpid and whost == socket.gethostname() and _alive(wpid) and not force:
+    if not complete and wpid and whost == socket.gethostname() and pid_alive(wpid) and not force:
         report["partitions"].append({"path": path, "action": "in_use",
                                      "why": f"its aggregator (pid {wpid}) still runs"})
         for seg in segs:

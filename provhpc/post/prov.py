@@ -1,4 +1,4 @@
-"""Export: W3C PROV through the ``prov`` package, Parquet through pyarrow.
+"""The W3C PROV document of runs, built with the ``prov`` package.
 
 The PROV document is built with ``prov.model`` (never hand-written) and
 round-trips through ``prov.read``.  PROV-ML concepts map onto PROV types
@@ -35,8 +35,10 @@ import re
 
 import numpy as np
 
-from . import records as R
-from .lineage import graph
+from ..format import records as R
+
+__all__ = ["ACTIVITY_TYPES", "DATA_NS_URI", "ENTITY_TYPES", "NS_URI", "PROV_FORMATS",
+           "RUN_NS_URI", "document", "serialize"]
 
 NS_URI = "https://w3id.org/provhpc/ns#"
 RUN_NS_URI = "https://w3id.org/provhpc/run/"
@@ -45,7 +47,7 @@ ACTIVITY_TYPES = {"run": "WorkflowExecution", "stage": "LearningStageExecution",
                   "epoch": "EpochExecution", "task": "TaskExecution"}
 ENTITY_TYPES = {"hyperparameters": "HyperparameterSet", "checkpoint": "Model",
                 "model": "Model", "code": "Code", "script": "Code", "metric": "MetricSeries"}
-FORMATS = ("prov-json", "prov-n", "prov-o", "parquet")
+PROV_FORMATS = ("prov-json", "prov-n", "prov-o")
 
 
 def _prov():
@@ -75,14 +77,14 @@ def _literal(v):
 
 
 class _Builder:
-    def __init__(self, runs, lineage=None):
+    def __init__(self, runs, g, lineage=None):
         pm = _prov()
         self.pm = pm
         self.doc = pm.ProvDocument()
         self.ns = self.doc.add_namespace("provhpc", NS_URI)
         self.data_ns = self.doc.add_namespace("data", DATA_NS_URI)
         self.runs = list(runs)
-        self.g = graph(self.runs[0] if len(self.runs) == 1 else _Runs(self.runs))
+        self.g = g
         self.run_ns = {}
         for i, run in enumerate(self.runs):
             prefix = "run" if len(self.runs) == 1 else f"run{i}"
@@ -247,16 +249,11 @@ class _Builder:
             self.doc.hadMember(series[sk], ent)
 
 
-class _Runs:
-    def __init__(self, runs):
-        self.runs = runs
-        self._cache = {}
-
-
-def to_prov(source, lineage=None):
-    """A ``prov.model.ProvDocument`` of a run, a collection, or (``lineage``) a subgraph."""
-    runs = getattr(source, "runs", None) or (source if isinstance(source, list) else [source])
-    b = _Builder(runs, lineage)
+def document(runs, g, lineage=None):
+    """A ``prov.model.ProvDocument`` of ``runs`` whose lineage graph is ``g`` (or, with
+    ``lineage``, of that subgraph of ``g`` only)."""
+    runs = list(runs)
+    b = _Builder(runs, g, lineage)
     attrs_by_owner: dict[tuple, dict] = {}
     for run in runs:
         a = np.asarray(run.attributes())
@@ -300,54 +297,3 @@ def serialize(doc, fmt: str) -> str:
             raise ImportError("PROV-O export needs rdflib: pip install rdflib") from exc
         return doc.serialize(format="rdf", rdf_format="turtle")
     raise ValueError(f"unknown PROV format {fmt!r}")
-
-
-def to_parquet(source, directory: str) -> list[str]:
-    """One Parquet file per table (tasks, entities, metrics, attributes, relations)."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError("Parquet export needs pyarrow: pip install 'provhpc[parquet]'") \
-            from exc
-    from .reader import TABLES
-
-    os.makedirs(directory, exist_ok=True)
-    written = []
-    for name in TABLES:
-        arr = np.asarray(source.table(name))
-        cols = {}
-        for col in arr.dtype.names:
-            v = arr[col]
-            if name == "attributes" and col == "value":
-                num = np.isin(arr["vtype"], ("int", "float", "bool"))
-                cols["value_num"] = pa.array(np.where(num, 0, np.nan), pa.float64())
-                fv = np.full(len(arr), np.nan)
-                if num.any():
-                    fv[num] = v[num].astype(float)
-                cols["value_num"] = pa.array(fv, pa.float64())
-                cols["value_str"] = pa.array(np.where(arr["vtype"] == "str", v, None).tolist(),
-                                             pa.string())
-                continue
-            cols[col] = pa.array(v.tolist(), pa.string()) if v.dtype.kind == "O" \
-                else pa.array(v)
-        path = os.path.join(directory, f"{name}.parquet")
-        pq.write_table(pa.table(cols), path)
-        written.append(path)
-    return written
-
-
-def export(source, fmt: str, output: str | None = None) -> dict:
-    """Export ``source`` as ``fmt``; PROV text is returned (and written to ``output`` if given)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "parquet":
-        if not output:
-            raise ValueError("parquet export needs --output DIR")
-        return {"format": fmt, "files": to_parquet(source, output), "text": None}
-    text = serialize(to_prov(source), fmt)
-    if output:
-        with open(output, "w") as fh:
-            fh.write(text)
-        return {"format": fmt, "files": [output], "text": None}
-    return {"format": fmt, "files": [], "text": text}

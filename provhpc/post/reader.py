@@ -13,9 +13,10 @@ from functools import cached_property
 import h5py
 import numpy as np
 
-from . import records as R
+from ..format import records as R
+from ..format.partition import open_partition
 from . import tables as _tables
-from .partition import open_partition
+from .tables import TABLES
 
 
 class PartitionError(OSError):
@@ -152,7 +153,6 @@ class Partition:
         return self._tables
 
 
-TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
 
 
 class _Tables:
@@ -365,7 +365,7 @@ def _drop_reasons(drops) -> dict:
     return reasons
 
 
-def _is_run_dir(path: str) -> bool:
+def is_run_dir(path: str) -> bool:
     try:
         names = os.listdir(path)
     except OSError:
@@ -388,7 +388,7 @@ class Collection(_Tables):
             sub = os.path.join(self.path, name)
             real = os.path.realpath(sub)
             if os.path.isdir(sub) and real not in seen and name != "latest" \
-                    and _is_run_dir(sub):
+                    and is_run_dir(sub):
                 seen.add(real)
                 runs.append(Run(sub))
         if not runs:
@@ -459,7 +459,7 @@ def open_path(path: str, select=None):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such run or directory")
-    if os.path.isdir(path) and not _is_run_dir(path):
+    if os.path.isdir(path) and not is_run_dir(path):
         if select is not None:
             link = os.path.join(path, "latest")
             return Run(link if os.path.isdir(link) else Collection(path).latest.path, select)

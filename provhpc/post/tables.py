@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import records as R
+from ..format import records as R
+
+TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
 
 ROLE_NAMES = np.array(["attribute", "parameter", "generated"], object)
 

@@ -154,7 +154,7 @@ def _columns(run, table: str):
 
 
 class _Decoded:
-    """A decoded table with the accessors of ``provhpc.index.StoredTable``."""
+    """A decoded table with the accessors of ``provhpc.post.index.StoredTable``."""
 
     def __init__(self, t):
         self.t = t

@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 
-from . import api
+from ..capture import api
+from ..capture.agent import Agent
+from ..format import records as R
+from ..format.segment import segment_name, shm_dir
 from . import config as _config
 from . import environment as _environment
 from . import identity as _identity
-from . import records as R
-from .agent import Agent
-from .segment import segment_name, shm_dir
 
 log = logging.getLogger("provhpc")
 
@@ -178,7 +178,7 @@ def run_meta(ident, cfg, argv=None) -> dict:
     import numpy
     import zmq
 
-    from . import __version__
+    from .._version import __version__
 
     return {"provhpc": __version__, "python": sys.version.split()[0],
             "numpy": numpy.__version__, "pyzmq": zmq.__version__, "launcher": ident.launcher,
@@ -264,15 +264,6 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
                    gpu=ident.gpu, pid=os.getpid())
     atexit.register(shutdown)
     return _session
-
-
-def start_worker_agent(cfg, ident, run_id, endpoint):
-    """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
-    pid = os.getpid()
-    seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))
-    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker")
-    atexit.register(agent.shutdown)
-    return agent
 
 
 _before_shutdown: list = []

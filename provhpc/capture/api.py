@@ -16,8 +16,8 @@ import os
 import struct
 import time
 
-from . import records as R
-from .agent import _get_ident
+from ..format import records as R
+from .agent import _get_ident, start_worker_agent
 
 _agent = None  # the process's Agent, set by provhpc.init()
 _fork_info = None  # in a forked child: what it needs to start its own agent lazily
@@ -565,8 +565,6 @@ def _after_fork_in_child() -> None:
 
 def _start_child_agent():
     global _agent, _fork_info
-    from .session import start_worker_agent
-
     info, _fork_info = _fork_info, None
     _agent = start_worker_agent(*info)
     return _agent

@@ -1,6 +1,6 @@
-/* provhpc._fast: the owner thread's hot path of activities and values, in C.
+/* provhpc.capture._fast: the owner thread's hot path of activities and values, in C.
  *
- * Optional: provhpc.api uses these functions when the extension built, and its
+ * Optional: provhpc.capture.api uses these functions when the extension built, and its
  * pure-Python path otherwise.  Each function writes records exactly as the
  * Python path would (same 64-byte layout, "<QQQqIIqqd", see records.py) or,
  * when anything is out of the ordinary, changes nothing and returns False so
@@ -91,14 +91,14 @@ static state_t *state_of(PyObject *agent) {
     /* _off and fast_end change all the time: read and written in the instance dict */
     if ((st.dict = PyObject_GenericGetDict(agent, NULL)) == NULL) goto fail;
     if (!PyDict_CheckExact(st.strings) || !PyDict_CheckExact(st.opened)) {
-        PyErr_SetString(PyExc_TypeError, "provhpc._fast: agent._strings/open_activities");
+        PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent._strings/open_activities");
         goto fail;
     }
     if (get_u64(agent, s_h_start, &st.h_start) < 0) goto fail;
     if (get_u64(agent, s_h_end, &st.h_end) < 0) goto fail;
     if ((h = PyObject_GetAttr(agent, s_h_attr)) == NULL) goto fail;
     if (!PyList_CheckExact(h) || PyList_GET_SIZE(h) < 5) {
-        PyErr_SetString(PyExc_TypeError, "provhpc._fast: agent.h_attr");
+        PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.h_attr");
         goto fail;
     }
     for (int i = 0; i < 5; i++) {
@@ -151,7 +151,7 @@ static int commit(PyObject *agent, state_t *st, long long off, const record_t *r
     Py_ssize_t size = n * (Py_ssize_t)sizeof(record_t);
     if (off < 0 || off + size > view.len) {
         PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_RuntimeError, "provhpc._fast: write outside the segment");
+        PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: write outside the segment");
         return -1;
     }
     memcpy((char *)view.buf + off, recs, (size_t)size);
@@ -337,7 +337,7 @@ static int end_core(PyObject *agent, PyObject *id_obj, PyObject *token, PyObject
 }
 
 /* ---------------------------------------------------------------- ActivityBase
- * The base type of provhpc.api.Activity: its fields, __init__, and the with-block
+ * The base type of provhpc.capture.api.Activity: its fields, __init__, and the with-block
  * (__enter__, __exit__) and generated() of the common case, in C.  Everything
  * else -- and every case the cores above decline -- calls the Python methods
  * ``start``, ``end`` and ``_generated`` of the subclass.  ``bind`` gives it the
@@ -513,10 +513,10 @@ static PyMemberDef act_members[] = {
 
 static PyTypeObject ActivityType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "provhpc._fast.ActivityBase",
+    .tp_name = "provhpc.capture._fast.ActivityBase",
     .tp_basicsize = sizeof(Activity),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The C base of provhpc.api.Activity (fields, with-block, generated).",
+    .tp_doc = "The C base of provhpc.capture.api.Activity (fields, with-block, generated).",
     .tp_traverse = (traverseproc)act_traverse,
     .tp_clear = (inquiry)act_clear,
     .tp_dealloc = (destructor)act_dealloc,
@@ -618,7 +618,7 @@ static PyGetSetDef factory_getset[] = {
 
 static PyTypeObject FactoryType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "provhpc._fast.Factory",
+    .tp_name = "provhpc.capture._fast.Factory",
     .tp_basicsize = sizeof(Factory),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(Factory, vectorcall),
@@ -650,7 +650,7 @@ static PyObject *fast_factory(PyObject *module, PyObject *const *args, Py_ssize_
 /* ---------------------------------------------------------------- Decorated
  * What ``@task`` / ``@stage`` / ``@epoch`` return: calls ``fn`` inside a fresh
  * activity, its arguments as parameters and its return value as generated values,
- * like the Python wrapper in provhpc.api._decorate (which it replaces when built).
+ * like the Python wrapper in provhpc.capture.api._decorate (which it replaces when built).
  * A dict result with str keys is written here; any other result goes through
  * api._record_return.  Has a __dict__ (functools.update_wrapper fills it) and binds
  * as a method like a function. */
@@ -746,7 +746,7 @@ static PyObject *decorated_vectorcall(Decorated *self, PyObject *const *args, si
             PyObject *fn = PyDict_GetItemWithError(api_globals, s_record_return);
             rec = fn == NULL ? NULL : PyObject_CallFunctionObjArgs(fn, (PyObject *)act, result, NULL);
             if (fn == NULL && !PyErr_Occurred())
-                PyErr_SetString(PyExc_RuntimeError, "provhpc._fast: no api._record_return");
+                PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: no api._record_return");
         }
         if (rec == NULL) { Py_CLEAR(result); end_with_error(act); goto done; }
         Py_DECREF(rec);
@@ -810,7 +810,7 @@ static PyGetSetDef decorated_getset[] = {
 
 static PyTypeObject DecoratedType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "provhpc._fast.Decorated",
+    .tp_name = "provhpc.capture._fast.Decorated",
     .tp_basicsize = sizeof(Decorated),
     .tp_dictoffset = offsetof(Decorated, dict),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
@@ -881,22 +881,22 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fast",
-                                    "The owner thread's hot path of provhpc.api, in C.", -1,
+                                    "The owner thread's hot path of provhpc.capture.api, in C.", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fast(void) {
 #ifdef Py_GIL_DISABLED
     /* everything here relies on the GIL (one writer at a time, the per-agent cache) */
-    PyErr_SetString(PyExc_ImportError, "provhpc._fast needs the GIL: the Python path runs");
+    PyErr_SetString(PyExc_ImportError, "provhpc.capture._fast needs the GIL: the Python path runs");
     return NULL;
 #endif
     const uint16_t one = 1;
     if (*(const uint8_t *)&one != 1) {  /* the records are little-endian */
-        PyErr_SetString(PyExc_ImportError, "provhpc._fast needs a little-endian machine");
+        PyErr_SetString(PyExc_ImportError, "provhpc.capture._fast needs a little-endian machine");
         return NULL;
     }
     if (sizeof(record_t) != 64) {
-        PyErr_SetString(PyExc_ImportError, "provhpc._fast: record is not 64 bytes");
+        PyErr_SetString(PyExc_ImportError, "provhpc.capture._fast: record is not 64 bytes");
         return NULL;
     }
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL

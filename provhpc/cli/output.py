@@ -1,0 +1,136 @@
+"""Shared output helpers of the verbs: JSON, aligned tables, the run summary, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from ..format import records as R
+
+_HIDE = {"run"}
+
+
+def jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.dtype.names is None else \
+            [dict(zip(obj.dtype.names, row)) for row in obj.tolist()]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=1, default=jsonable)
+
+
+def rows_of(obj) -> list[dict]:
+    if isinstance(obj, np.ndarray):
+        names = obj.dtype.names
+        return [dict(zip(names, row)) for row in obj.tolist()]
+    return list(obj)
+
+
+def format_table(rows, columns=None, limit=None, origin_ns=None) -> str:
+    """Rows (dicts) as aligned text; ``*_ns``-like time columns relative to ``origin_ns``."""
+    rows = rows_of(rows)
+    if not rows:
+        return "(no rows)"
+    columns = columns or [c for c in rows[0] if c not in _HIDE]
+    shown = rows if limit is None else rows[:limit]
+    cells = [[_cell(r.get(c), c, origin_ns) for c in columns] for r in shown]
+    widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in
+              enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v[:w].ljust(w) for v, w in zip(row, widths)) for row in cells]
+    if limit is not None and len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows (--limit)")
+    return "\n".join(lines)
+
+
+def _cell(v, col, origin_ns) -> str:
+    if v is None:
+        return ""
+    if col in ("start", "end", "t") and isinstance(v, int) and origin_ns:
+        return "" if v < 0 else f"{(v - origin_ns) / 1e9:.4f}"
+    if col in ("index", "step") and isinstance(v, int) and v == R.NO_STEP:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v)
+    return str(v)
+
+
+def emit(args, obj, text=None) -> None:
+    if args.json:
+        print(dump(obj))
+    else:
+        print(text if text is not None else dump(obj))
+
+
+def parse_ranks(text):
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            lo, hi = part.split("-", 1)
+            out += list(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def open_source(path, comm=None):
+    from ..post.mpi_post import share
+    from ..post.reader import open_path
+
+    return open_path(path, select=share(comm))
+
+
+def single_run(source):
+    return source.latest if hasattr(source, "runs") else source
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"run {s['run_id']}  ({s['path']})",
+             f"nodes {len(s['nodes'])}: {', '.join(s['nodes'])}   ranks {s['world_size']}   "
+             f"duration {s['duration_s']:.2f} s   status {s['status'] or '?'}",
+             f"records {s['records_total']}   dropped {s['dropped_total']}"
+             + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
+    kinds = ["activity_start", "activity_end", "entity", "relation", "attribute", "metric"]
+    short = ["act+", "act-", "entity", "rel", "attr", "metric"]
+    lines.append("")
+    lines.append(f"{'rank':>5} {'node':<20} {'role':<6} {'status':<10} {'records':>9} "
+                 + " ".join(f"{h:>7}" for h in short) + f" {'dropped':>8} {'salvaged':>8}")
+    for r in s["ranks"]:
+        by = r["records_by_kind"]
+        lines.append(f"{r['rank']:>5} {r['node'][:20]:<20} {r['role']:<6} {r['status']:<10} "
+                     f"{r['records']:>9} " + " ".join(f"{by.get(k, 0):>7}" for k in kinds)
+                     + f" {r['dropped']:>8} {r['salvaged']:>8}")
+    for p in s["partitions"]:
+        if not p["complete"]:
+            lines.append(f"warning: partition {p['path']} is not marked complete "
+                         "(run `provhpc recover`)")
+    for err in s["partition_errors"].values():
+        lines.append(f"error: {err}")
+    return "\n".join(lines)
+
+
+def friendly(handler):
+    """Missing optional packages and failed MPI shares end with one clear line, exit 2."""
+    def run(args):
+        try:
+            return handler(args)
+        except ImportError as exc:
+            print(f"provhpc {args.command}: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # RankFailed: names the rank and its error
+            print(f"provhpc {args.command}: {exc}", file=sys.stderr)
+            return 1
+    run.__name__ = handler.__name__
+    return run

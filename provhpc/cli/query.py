@@ -1,0 +1,259 @@
+"""Question verbs: ``query`` (tables and named questions, MPI-aware) and ``lineage``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .output import dump, emit, format_table, open_source, parse_ranks, single_run
+
+TABLE_VERBS = ("tasks", "entities", "metrics", "attributes", "relations")
+QUESTIONS = ("produced", "derivation", "epochs", "lagging", "best", "stages", "stragglers",
+             "failures", "capture", "metadata", "timeline")
+
+
+def _cmd_query(args) -> int:
+    from ..post.mpi_post import comm_from_env
+
+    what = args.what
+    if what in TABLE_VERBS:
+        comm = comm_from_env()
+        return _query_table(args, comm)
+    from ..post import questions as Q
+
+    with open_source(args.run) as src:
+        run = single_run(src)
+        need_arg = {"produced", "derivation"}
+        if what in need_arg and not args.arg:
+            raise ValueError(f"query {what} needs an ENTITY (id, data path or name)")
+        if what == "produced":
+            res = Q.produced(src, args.arg)
+            text = _format_produced(res)
+        elif what == "derivation":
+            res = Q.derivation(src, args.arg, args.origin)
+            text = _format_derivation(res)
+        elif what == "epochs":
+            res = Q.epoch_metrics(run, [args.metric] if args.metric else None)
+            res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
+            text = format_table(res, limit=args.limit)
+        elif what == "lagging":
+            res = Q.lagging_ranks(run, args.metric or "epoch_loss",
+                                  args.mode == "max", args.threshold)
+            text = format_table(res) if res else "no rank lags (tolerance " \
+                f"{args.threshold:g})"
+        elif what == "best":
+            res = Q.best(src, args.metric or "val_accuracy", args.mode)
+            text = format_table([{**r, "hyperparameters": r["hyperparameters"]} for r in res])
+        elif what == "stages":
+            res = Q.stage_times(run)
+            res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
+            text = format_table(res, limit=args.limit)
+        elif what == "stragglers":
+            res = Q.stragglers(run, args.threshold)
+            text = format_table(res, limit=args.limit) if res else "no stragglers"
+        elif what == "failures":
+            res = Q.failures(run)
+            text = format_table(res) if res else "no failed activities"
+        elif what == "capture":
+            res = Q.capture_stats(run)
+            text = _format_capture(res)
+        elif what == "metadata":
+            res = run.metadata()
+            text = dump(res)
+        else:  # timeline
+            res = run.timeline(parse_ranks(args.rank))
+            text = format_table(res, ["rank", "node", "type", "name", "index", "start", "end",
+                                      "duration_s", "status"], args.limit,
+                                run.time_range()[0])
+        errors = getattr(src, "errors", {})
+    emit(args, res, text)
+    for err in errors.values():
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _query_table(args, comm) -> int:
+    from ..post.mpi_post import gather_or_raise
+    from ..post.query import select
+
+    filters = dict(kind=args.kind, name=args.name, rank=parse_ranks(args.rank), node=args.node,
+                   since=args.since, until=args.until, where=args.where or (),
+                   status=args.status)
+    with open_source(args.run, comm) as src:
+        def part():
+            rows = select(src, args.what, **filters)
+            return np.asarray(rows), dict(getattr(src, "errors", {})), \
+                single_run(src).time_range()[0]
+
+        if comm is None:
+            parts = [part()]
+        else:
+            parts = gather_or_raise(comm, part)
+            if parts is None:
+                return 0
+    rows = np.concatenate([p[0] for p in parts])
+    errors = {k: v for p in parts for k, v in p[1].items()}
+    origin = min((p[2] for p in parts if p[2]), default=0)
+    if args.json:
+        print(dump({"rows": rows, "count": len(rows), "partition_errors": errors}))
+    else:
+        cols = args.columns.split(",") if args.columns else None
+        print(format_table(rows, cols, args.limit, origin))
+        print(f"{len(rows)} rows")
+    for err in errors.values():
+        print(f"error: {err}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _format_produced(res) -> str:
+    t = res["target"]
+    lines = [f"{t['kind']} {t['key']}  (run {t['run']}{', ' + t['hash'] if t['hash'] else ''})",
+             f"produced on ranks {res['ranks']} on nodes {res['nodes']}", "", "hyperparameters:"]
+    for h in res["hyperparameters"]:
+        lines.append(f"  {h['key']} ({h['id']}): "
+                     + ", ".join(f"{k}={v}" for k, v in h["values"].items()))
+    lines.append("data:")
+    for d in res["data"]:
+        lines.append(f"  {'  ' * (d['level'] - 1)}{d['kind']:<10} {d['key']}"
+                     + (f"  {d['hash']}" if d.get("hash") else ""))
+    lines.append("code:")
+    for c in res["code"]:
+        if "program" in c:
+            lines.append(f"  {' '.join(c['argv'])}  (cwd {c['cwd']})")
+            lines.append("  " + ", ".join(f"{k} {v}" for k, v in c["versions"].items()))
+        else:
+            lines.append(f"  {c['kind']} {c['key']}")
+    if res["parameters"]:
+        lines.append("activity parameters:")
+        for name, p in res["parameters"].items():
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    lines.append("activities:")
+    for a in res["activities"]:
+        lines.append(f"  {a['type']:<6} {a['name']:<16} rank {a['rank']} node {a['node']} "
+                     f"({a['id']})")
+    return "\n".join(lines)
+
+
+def _format_derivation(res) -> str:
+    lines = [f"{res['target']}: backward closure of {res['closure_nodes']} nodes, "
+             f"{res['closure_edges']} edges"]
+    for chain in res["chains"]:
+        if not chain:
+            continue
+        lines.append("")
+        lines.append(f"  {chain[0]['from']}")
+        for step in chain:
+            lines.append(f"    --{step['relation']}--> {step['to']}")
+    return "\n".join(lines)
+
+
+def _format_capture(res) -> str:
+    out = [format_table(res["ranks"], ["rank", "pid", "role", "node", "records", "seconds",
+                                       "records_per_s", "dropped", "salvaged", "drops"]), "",
+           format_table(res["partitions"], ["node", "records", "file_bytes",
+                                            "file_bytes_per_record", "record_bytes",
+                                            "strings", "string_heap_bytes", "sequence_gaps"]),
+           "", f"records {res['records']}  file bytes/record {res['file_bytes_per_record']}  "
+           f"dropped {res['dropped_total']} {res['dropped_by_reason'] or ''}"]
+    return "\n".join(out)
+
+
+def _add_query(sub):
+    p = sub.add_parser(
+        "query", help="filter tables or ask a question of a run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Query RUN (a run directory, or an output directory = its latest run; "
+        "`best` and cross-run lineage use every run in the directory).\n\n"
+        "Tables (filtered by --kind --name --rank --node --since --until --where --status):\n"
+        "  tasks       activities: run, stages, epochs, tasks (start/end/duration/status)\n"
+        "  entities    data, hyperparameters, checkpoints (key, kind, content hash)\n"
+        "  metrics     metric points (name, step, time, value)\n"
+        "  attributes  typed key/values (role attribute|parameter|generated)\n"
+        "  relations   used, wasGeneratedBy, wasDerivedFrom, wasInformedBy, hadMember\n"
+        "Questions:\n"
+        "  produced ENTITY    hyperparameters, data, code, ranks and nodes behind ENTITY\n"
+        "  derivation ENTITY  derivation chains from the raw inputs to ENTITY\n"
+        "  epochs             per-epoch metrics per rank (--metric NAME)\n"
+        "  lagging            ranks whose last-epoch --metric is worse than the median\n"
+        "  best               per run, best --metric (--mode max|min) and its hyperparameters\n"
+        "  stages             wall time per stage and epoch per rank\n"
+        "  stragglers         ranks slower than the median by more than --threshold\n"
+        "  failures           failed tasks: rank, node, exception, last inputs\n"
+        "  capture            records/s per rank, bytes per record, drops and reasons\n"
+        "  metadata           job, launcher, nodes, ranks, configuration, versions\n"
+        "  timeline           activities per rank in start order\n\n"
+        "--where KEY OP VALUE (OP: == != > >= < <= ~glob) compares a column, or else the "
+        "attribute KEY of the row's task/entity: --where lr>=0.01 --where status=error.\n"
+        "Times: --since/--until take seconds from the run's first record or ISO-8601.\n"
+        "Under mpiexec -n N, table queries divide the partitions among ranks; rank 0 prints.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("what", nargs="?", default="tasks", choices=TABLE_VERBS + QUESTIONS,
+                   metavar="WHAT", help="a table or a question (default tasks)")
+    p.add_argument("arg", nargs="?", metavar="ENTITY", help="for produced / derivation")
+    p.add_argument("--kind", action="append", help="activity type / entity kind / role (glob)")
+    p.add_argument("--name", action="append", help="name or key (glob, repeatable)")
+    p.add_argument("--rank", help="ranks: 0,2,4-7")
+    p.add_argument("--node", action="append", help="node name (glob)")
+    p.add_argument("--status", action="append", help="tasks: ok|error|killed|open")
+    p.add_argument("--since", help="seconds from the run start, or ISO-8601")
+    p.add_argument("--until", help="seconds from the run start, or ISO-8601")
+    p.add_argument("--where", action="append", metavar="KEY OP VALUE",
+                   help="column or attribute comparison (repeatable, all must hold)")
+    p.add_argument("--metric", help="metric name (epochs, lagging, best)")
+    p.add_argument("--mode", choices=("max", "min"), default="max",
+                   help="best/lagging: is a higher metric better (max) or lower (min)")
+    p.add_argument("--threshold", type=float, default=0.2,
+                   help="stragglers/lagging: relative slack over the median (default 0.2)")
+    p.add_argument("--origin", help="derivation: only the chain to this origin entity")
+    p.add_argument("--columns", help="comma-separated columns to print")
+    p.add_argument("--limit", type=int, default=None, help="print at most N rows")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_query)
+
+
+def _cmd_lineage(args) -> int:
+    from ..post.lineage import graph, lineage
+
+    with open_source(args.run) as src:
+        lin = lineage(src, args.entity, args.direction, args.depth)
+        g = graph(src)
+        if args.format in ("prov-json", "prov-n"):
+            from ..post.export import serialize
+
+            print(serialize(lin.to_prov(), args.format))
+            return 0
+        if args.json:
+            print(dump(lin.to_dict()))
+            return 0
+        print(f"{args.direction} lineage of {args.entity}: {len(lin.nodes)} nodes, "
+              f"{len(lin.edges)} edges, ranks {lin.ranks}, nodes {lin.hosts}")
+        for n in lin.nodes.to_dicts():
+            print(f"{'  ' * n['level']}[{n['level']}] {g.label(n['node'])}"
+                  + (f"  {n['hash']}" if n["hash"] else "")
+                  + (f"  run {n['run']}" if len(getattr(src, "runs", ())) > 1 else ""))
+        print("edges:")
+        for e in lin.edges.to_dicts():
+            print(f"  {g.label(e['src'])} --{e['relation']}--> {g.label(e['dst'])}")
+    return 0
+
+
+def _add_lineage(sub):
+    p = sub.add_parser("lineage", help="backward/forward closure of an entity or task",
+                       description="The PROV subgraph reachable from ENTITY: backward "
+                       "(what it came from: wasGeneratedBy, used, wasDerivedFrom, "
+                       "wasInformedBy, hadMember) or forward (what came of it).  ENTITY is an "
+                       "id (RANK:ID, or RUN/RANK:ID), a data path or key, or a task name.  RUN "
+                       "may be a directory of runs: data entities with the same path and "
+                       "content hash (or the same URI-like id) link the runs.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("entity", metavar="ENTITY")
+    p.add_argument("--direction", choices=("backward", "forward"), default="backward")
+    p.add_argument("--depth", type=int, default=None, help="at most N relations away")
+    p.add_argument("--format", choices=("text", "prov-json", "prov-n"), default="text")
+    p.add_argument("--json", action="store_true", help="print JSON (nodes, edges)")
+    p.set_defaults(func=_cmd_lineage)
+
+
+VERBS = [_add_query, _add_lineage]

@@ -1,0 +1,67 @@
+"""Run verbs: ``ls`` (the runs of a directory) and ``summary`` (one run, MPI-aware)."""
+
+from __future__ import annotations
+
+import os
+
+from .output import emit, format_summary, format_table, open_source, single_run
+
+
+def _cmd_ls(args) -> int:
+    from ..post.reader import Collection, Run, is_run_dir
+
+    runs = [Run(args.dir)] if is_run_dir(args.dir) else list(Collection(args.dir))
+    rows = []
+    for run in runs:
+        m = run.manifest
+        meta = m.get("meta") or {}
+        argv = meta.get("argv") or []
+        prog = next((a for a in argv[1:] if a.endswith(".py")), argv[0] if argv else "")
+        nodes = [os.path.basename(p)[:-3] for p in run.partition_paths]
+        records = 0
+        for p in run.partitions:
+            records += len(p)
+        from ..post.query import iso
+
+        rows.append({"run_id": run.run_id, "start": iso(m.get("start") or -1),
+                     "status": m.get("status") or "?", "nodes": len(nodes),
+                     "ranks": meta.get("world_size"), "records": records,
+                     "program": os.path.basename(prog), "errors": len(run.errors)})
+        run.close()
+    emit(args, rows, format_table(rows))
+    return 0
+
+
+def _add_ls(sub):
+    p = sub.add_parser("ls", help="list the runs in a directory",
+                       description="List the runs under DIR (an output directory): run id, "
+                       "start, status, nodes, ranks, records, program.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_ls)
+
+
+def _cmd_summary(args) -> int:
+    from ..post.mpi_post import comm_from_env
+    from ..post.reader import summary
+
+    comm = comm_from_env()
+    with open_source(args.run, comm) as run:
+        s = summary(single_run(run), comm)
+    if s is None:
+        return 0
+    emit(args, s, format_summary(s))
+    return 1 if s["partition_errors"] else 0
+
+
+def _add_summary(sub):
+    p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
+                       description="Summarise a run: RUN is a run directory (or an output "
+                       "directory, meaning its latest run).  Under mpiexec -n N the partitions "
+                       "are divided among the ranks and rank 0 prints.")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_summary)
+
+
+VERBS = [_add_ls, _add_summary]

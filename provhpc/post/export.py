@@ -1,0 +1,80 @@
+"""Export: W3C PROV (``provhpc.post.prov``, through the ``prov`` package), Parquet through
+pyarrow."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .lineage import graph
+from .prov import PROV_FORMATS, document, serialize
+from .tables import TABLES
+
+__all__ = ["FORMATS", "export", "serialize", "to_parquet", "to_prov"]
+
+FORMATS = (*PROV_FORMATS, "parquet")
+
+
+class _Runs:
+    """Several runs as one source of ``graph`` (its cache is its own)."""
+
+    def __init__(self, runs):
+        self.runs = runs
+        self._cache = {}
+
+
+def to_prov(source, lineage=None):
+    """A ``prov.model.ProvDocument`` of a run, a collection, or (``lineage``) a subgraph."""
+    runs = getattr(source, "runs", None) or (source if isinstance(source, list) else [source])
+    g = graph(runs[0] if len(runs) == 1 else _Runs(runs))
+    return document(runs, g, lineage)
+
+
+def to_parquet(source, directory: str) -> list[str]:
+    """One Parquet file per table (tasks, entities, metrics, attributes, relations)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("Parquet export needs pyarrow: pip install 'provhpc[parquet]'") \
+            from exc
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for name in TABLES:
+        arr = np.asarray(source.table(name))
+        cols = {}
+        for col in arr.dtype.names:
+            v = arr[col]
+            if name == "attributes" and col == "value":
+                num = np.isin(arr["vtype"], ("int", "float", "bool"))
+                cols["value_num"] = pa.array(np.where(num, 0, np.nan), pa.float64())
+                fv = np.full(len(arr), np.nan)
+                if num.any():
+                    fv[num] = v[num].astype(float)
+                cols["value_num"] = pa.array(fv, pa.float64())
+                cols["value_str"] = pa.array(np.where(arr["vtype"] == "str", v, None).tolist(),
+                                             pa.string())
+                continue
+            cols[col] = pa.array(v.tolist(), pa.string()) if v.dtype.kind == "O" \
+                else pa.array(v)
+        path = os.path.join(directory, f"{name}.parquet")
+        pq.write_table(pa.table(cols), path)
+        written.append(path)
+    return written
+
+
+def export(source, fmt: str, output: str | None = None) -> dict:
+    """Export ``source`` as ``fmt``; PROV text is returned (and written to ``output`` if given)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        if not output:
+            raise ValueError("parquet export needs --output DIR")
+        return {"format": fmt, "files": to_parquet(source, output), "text": None}
+    text = serialize(to_prov(source), fmt)
+    if output:
+        with open(output, "w") as fh:
+            fh.write(text)
+        return {"format": fmt, "files": [output], "text": None}
+    return {"format": fmt, "files": [], "text": text}
