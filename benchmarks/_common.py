@@ -87,6 +87,34 @@ def fmt_range(values, fmt="{:.0f}") -> str:
     return f"{fmt.format(lo)}..{fmt.format(hi)}"
 
 
+def bootstrap_ci(values, stat=None, level: float = 0.95, resamples: int = 10_000,
+                 seed: int = 1) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of ``stat`` (default: the median).
+
+    Resamples ``values`` with replacement; with few values (7 repetitions)
+    the interval is coarse but honest: it never claims more than the spread
+    of the repetitions supports.
+    """
+    values = list(values)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    stat = stat or statistics.median
+    rng = random.Random(seed)
+    n = len(values)
+    boots = sorted(stat([values[rng.randrange(n)] for _ in range(n)])
+                   for _ in range(resamples))
+    lo = boots[int((1 - level) / 2 * resamples)]
+    hi = boots[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def table(header: list, rows: list) -> str:
     """A GitHub-flavoured markdown table (readable in a terminal too)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
