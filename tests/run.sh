@@ -22,7 +22,8 @@ for part in "${parts[@]}"; do
     lint) run_part lint $BIN/ruff check provhpc tests benchmarks examples
           run_part lint-imports $BIN/lint-imports ;;
     unit) run_part unit $BIN/python -m pytest "${PYTEST[@]}" tests --ignore=tests/mpi \
-            -m "not slurm and not multinode" ;;
+            -m "not slurm and not multinode"
+          run_part gpu-check-cpu env PY=$BIN/python bash benchmarks/gpu_check.sh --fallback ;;
     mpi)
       for n in 2 4; do
         run_part "mpi-n$n" $BIN/mpiexec -n $n $BIN/python -m pytest "${PYTEST[@]}" --with-mpi \
