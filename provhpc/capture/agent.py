@@ -492,7 +492,8 @@ class Agent:
         elif kind == P.FAREWELL:
             self.farewell = True
         elif kind == P.NACK:
-            log.warning("provhpc: aggregator reported %s", bytes(frames[1][:200]))
+            log.warning("provhpc: aggregator reported: %s",
+                        bytes(frames[1][:1000]).decode(errors="replace"))
 
     def _terminate(self, sock, poller) -> None:
         """SIGTERM, and the program did not unwind (blocked in C, e.g. an MPI collective):

@@ -150,6 +150,27 @@ class PartitionWriter:
         self.counters["batches"] += 1
         self.counters["bytes"] += recs.nbytes
 
+    def mark(self) -> tuple:
+        """The extents of the appended tables, taken after a successful flush."""
+        return (self._n, self._heap_n, self._nstrings, self.batches.shape[0],
+                self.string_map.shape[0],
+                {k: self.counters[k] for k in ("records", "batches", "bytes", "strings")})
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget the records, strings and batch notes appended after ``mark`` (a flush
+        that failed): the extents shrink back, so no row that never reached the disk is
+        left in the file.  Rank, drop and counter rows are kept (updated in place)."""
+        n, heap_n, nstrings, nbatches, nsmap, counts = mark
+        self._pending_batches.clear()
+        self._pending_smap.clear()
+        for ds, size in ((self.records, n), (self.heap, heap_n), (self.strings, nstrings),
+                         (self.batches, nbatches), (self.string_map, nsmap)):
+            if ds.shape[0] != size:
+                ds.resize((size,))
+        self._string_ids = {k: v for k, v in self._string_ids.items() if v < nstrings}
+        self._n, self._heap_n, self._nstrings = n, heap_n, nstrings
+        self.counters.update(counts)
+
     # -- rank table and drops (updated in place: SWMR allows no new objects)
     def upsert_rank(self, key: tuple, row: dict) -> None:
         idx = self._rank_rows.get(key)

@@ -9,6 +9,7 @@ record over and, on a leader, waits for the aggregator to close the partition.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -338,3 +339,5 @@ def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=N
             os.replace(tmp_link, link)
     except OSError as exc:
         log.warning("provhpc: cannot write %s: %s", path, exc)
+        with contextlib.suppress(OSError):  # a full disk leaves no half-written copy
+            os.unlink(path + ".tmp")

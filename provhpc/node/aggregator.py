@@ -27,7 +27,7 @@ import zmq
 from .._version import __version__
 from ..format import netkey
 from ..format import protocol as P
-from ..format.partition import PartitionWriter
+from ..format.partition import DISK_RESERVE, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import DROP_REASONS, Segment, segment_name, shm_dir
 from . import telemetry as _telemetry
@@ -49,6 +49,8 @@ class Stream:
         self.smap = np.zeros(1024, "<u4")
         self.records = 0
         self.salvaged = 0
+        self.write_drops = 0  # records this aggregator could not write (aggregator_write)
+        self.sock = None  # the socket its hello came on (None for a salvaged orphan)
         self.closed = False
         self.last_seen = time.monotonic()
 
@@ -76,6 +78,14 @@ class Aggregator:
         self.listen = getattr(cfg, "listen", "")
         self._keys = None
         self.refused_connections = 0
+        # The write path (see _fits, _lose, _flush): what was appended since the last
+        # successful flush, and why writing stopped ("" while it goes on).
+        self._unflushed = 0
+        self._since_flush: list = []
+        self._mark: tuple | None = None
+        self.stopped_writing = ""
+        self.write_lost = 0
+        self._reserve = ""  # the file holding DISK_RESERVE bytes (see _take_reserve)
         if self.listen:  # never an unauthenticated network port: refuse to start instead
             if not cfg.key_file:
                 raise ValueError(f"provhpc: PROVHPC_LISTEN={self.listen} needs PROVHPC_KEY_FILE "
@@ -156,6 +166,8 @@ class Aggregator:
                  "writer_pid": os.getpid(), "writer_host": socket.gethostname()}
         self.path = _unused_path(self.path)  # a restarted aggregator never overwrites
         self.writer = PartitionWriter(self.path, attrs, self.cfg.compression)
+        self._mark = self.writer.mark()
+        self._take_reserve()
         if self.cfg.telemetry_interval > 0:
             self.telemetry = _telemetry.Sampler(self.writer, self.gpus)
         os.chmod(self.path, 0o600)
@@ -322,6 +334,7 @@ class Aggregator:
             except (OSError, ValueError) as exc:
                 log.info("rank %d: segment %s not mapped (%s); inline mode", rank, path, exc)
         s = Stream(key, hello, seg, mode)
+        s.sock = sock
         self.streams[key] = s
         self.writer.upsert_rank((rank, pid), {
             "rank": rank, "local_rank": int(hello.get("local_rank", -1)), "pid": pid,
@@ -329,7 +342,7 @@ class Aggregator:
             "gpu": self._gpu_label(str(hello.get("gpu", ""))),
             "start": int(hello.get("start", 0)),
             "status": "running", "reported": -1})
-        self.writer.flush()
+        self._flush()
         sock.send_multipart([key, P.WELCOME, P.dumps({"mode": mode})])
 
     def _refuse(self, sock, key, why: str) -> None:
@@ -417,6 +430,8 @@ class Aggregator:
     # ------------------------------------------------------------------ ingest
     def _ingest(self, s: Stream, recs: np.ndarray, heap: bytes, flags: int, seq: int = 0) -> None:
         is_str = recs["kind"] == STRING
+        if not self._fits(recs.nbytes + len(heap)):  # before any of it is written
+            return self._lose(s, int(len(recs) - is_str.sum()))
         if is_str.any():
             for r in recs[is_str]:
                 off, length, sid = int(r["ival"]), int(r["step"]), int(r["id"])
@@ -443,21 +458,16 @@ class Aggregator:
         if flags:
             recs["flags"] |= flags
         start = self.writer._n
-        if not self.writer.room(recs.nbytes + len(heap)):
-            if not self.writer.counters["dropped_records"]:
-                log.error("%s: file system (nearly) full; records are counted as dropped",
-                          self.path)
-            self.writer.counters["dropped_records"] += len(recs)
-            return
         try:
             self.writer.append(recs)
             self.writer.note_batch(s.rank, s.pid, seq, start, len(recs), flags)
         except (OSError, RuntimeError) as exc:  # disk full, read-only: count, keep serving
             self.writer.counters["write_errors"] += 1
-            self.writer.counters["dropped_records"] += len(recs)
-            log.error("cannot write %d records of rank %d: %s", len(recs), s.rank, exc)
-            return
+            self._stop_writing(f"a write failed: {exc}")
+            return self._lose(s, len(recs))
         s.records += len(recs)
+        self._unflushed += recs.nbytes + len(heap)
+        self._since_flush.append((s, len(recs)))
 
     def _intern(self, data: bytes, flags: int) -> int:
         try:
@@ -472,6 +482,107 @@ class Aggregator:
         except (OSError, RuntimeError) as exc:
             self.writer.counters["write_errors"] += 1
             log.error("flush failed: %s", exc)
+            self._undo_unflushed(f"a flush failed: {exc}")
+            return
+        self._unflushed = 0
+        self._since_flush.clear()
+        self._mark = self.writer.mark()
+
+    # ------------------------------------------------------------------ a full disk
+    # Every record is stored or counted, exactly: a batch is written only when it fits
+    # with one chunk and DISK_RESERVE to spare, counting what HDF5 has not flushed yet
+    # (``_fits``); the first batch that does not fit stops the writing of records for
+    # good (strings of lost batches are gone too), and each later record is counted as
+    # an ``aggregator_write`` drop of its rank (``_lose``).  A write or flush that fails
+    # anyway is rolled back to the last good flush and its records counted the same way.
+    def _fits(self, nbytes: int) -> bool:
+        if self.stopped_writing:
+            return False
+        if self.writer.room(self._unflushed + nbytes):
+            return True
+        if self._unflushed:  # what HDF5 still holds is not on disk yet: flush, look again
+            self._flush()
+            if not self.stopped_writing and self.writer.room(nbytes):
+                return True
+        if not self.stopped_writing:
+            try:
+                st = os.statvfs(self.path)
+                free = f"{st.f_bavail * st.f_frsize} bytes free"
+            except OSError as exc:
+                free = str(exc)
+            self._stop_writing(f"the file system is full ({free})")
+        return False
+
+    def _take_reserve(self) -> None:
+        """Hold DISK_RESERVE bytes in a file beside the partition: when another process
+        fills the file system, giving them back lets the rollback and the close finish."""
+        self._reserve = os.path.join(os.path.dirname(self.path),
+                                     f".{os.path.basename(self.path)}.reserve")
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, DISK_RESERVE)
+            finally:
+                os.close(fd)
+        except OSError:
+            self._give_reserve()
+
+    def _give_reserve(self) -> None:
+        path, self._reserve = self._reserve, ""
+        if path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _stop_writing(self, why: str) -> None:
+        if not self.stopped_writing:
+            self.stopped_writing = why
+            self._give_reserve()
+            log.error("%s: %s; records are no longer written, each is counted as an "
+                      "aggregator_write drop of its rank", self.path, why)
+
+    def _lose(self, s: Stream, n: int) -> None:
+        """Count ``n`` records of ``s`` that will never be in the partition."""
+        if n <= 0:
+            return
+        first = not self.write_lost
+        s.write_drops += n
+        self.write_lost += n
+        self.writer.counters["dropped_records"] += n
+        try:
+            self.writer.set_drops(s.rank, s.pid, {"aggregator_write": s.write_drops})
+        except (OSError, RuntimeError) as exc:
+            log.error("cannot record the drops of rank %d: %s", s.rank, exc)
+        if first:
+            self._tell_ranks()
+
+    def _undo_unflushed(self, why: str) -> None:
+        lost, self._since_flush, self._unflushed = self._since_flush, [], 0
+        self._stop_writing(why)
+        if self._mark is not None:
+            try:
+                self.writer.rollback(self._mark)
+            except Exception as exc:  # noqa: BLE001 - recover validates what is left
+                log.error("rolling %s back failed: %s", self.path, exc)
+        for s, n in lost:
+            s.records -= n
+            self._lose(s, n)
+
+    def _tell_ranks(self) -> None:
+        """One line on the job's stderr, printed by the lowest open rank of this node."""
+        open_ = [s for s in self.streams.values()
+                 if not s.closed and s.sock is not None and s.role == "rank"]
+        if not open_:
+            return
+        s = min(open_, key=lambda x: x.rank)
+        text = (f"node {self.node}: {self.stopped_writing} at {self.path}: records of this "
+                f"node are no longer stored ({self.write_lost} lost so far, each counted as "
+                "an aggregator_write drop); the program goes on")
+        try:
+            s.sock.send_multipart([s.key, P.NACK, text.encode()], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     # ------------------------------------------------------------------ telemetry
     def _sample_telemetry(self, streams) -> None:
@@ -554,12 +665,15 @@ class Aggregator:
         if s.role == "rank":
             self.closed_ranks += 1
         drops = {k: v for k, v in drops.items() if v}
+        already = s.write_drops  # counted in dropped_records when they were lost
+        if already:
+            drops["aggregator_write"] = drops.get("aggregator_write", 0) + already
         self.writer.upsert_rank((s.rank, s.pid), {
             "end": end, "status": status, "exit_code": exit_code, "records": s.records,
             "reported": reported, "dropped": sum(drops.values()), "salvaged": s.salvaged})
         if drops:
             self.writer.set_drops(s.rank, s.pid, drops)
-            self.writer.counters["dropped_records"] += sum(drops.values())
+            self.writer.counters["dropped_records"] += sum(drops.values()) - already
         self._flush()
         if s.seg is not None:
             s.seg.close(unlink=True)
@@ -567,6 +681,7 @@ class Aggregator:
     def _finish(self) -> None:
         if self.writer is None:
             return
+        self._give_reserve()
         self._commit()
         self._sweep_orphans()
         for s in self.streams.values():

@@ -162,6 +162,7 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
             w = PartitionWriter(tmp, attrs)
             state = _load(w, f)
         entry["records_before"] = w._n
+        entry["invalid_rows_removed"] = state.invalid_rows
         entry["was_complete"] = bool(attrs.get("complete_reason"))
     else:
         w = PartitionWriter(tmp, {"run_id": run_id, "node": node, "created": time.time_ns(),
@@ -176,7 +177,8 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
     _recount(w)
     reason = "recovered by provhpc recover"
     w.close({"complete_reason": reason, "recovered_at": time.time_ns(),
-             "recovered": json.dumps({k: entry[k] for k in ("salvaged", "duplicates_skipped")})})
+             "recovered": json.dumps({k: entry.get(k, 0) for k in ("salvaged", "duplicates_skipped",
+                                                                      "invalid_rows_removed")})})
     if src is not None and os.path.exists(src):
         os.replace(src, _unused(src + ".orig"))
     os.replace(tmp, path)
@@ -211,6 +213,7 @@ class _State:
         self.batches: set = set()
         self.tail: set = set()
         self.smaps: dict = {}
+        self.invalid_rows = 0
 
 
 def _load(w: PartitionWriter, f) -> _State:
@@ -231,15 +234,23 @@ def _load(w: PartitionWriter, f) -> _State:
         w._string_ids.setdefault(hb[off:off + length], i)
     w._string_ids[b""] = 0
     n = f["records"].shape[0]
-    w.records.resize((n,))
+    ranks = f["ranks"][:]
+    out, removed = 0, []
     for lo in range(0, n, _COPY_ROWS):
         chunk = f["records"][lo:lo + _COPY_ROWS]
+        ok = valid_rows(chunk, ranks["rank"])
+        removed.append(lo + np.flatnonzero(~ok))
+        chunk = chunk[ok]
         bad = (chunk["name"] >= len(strings)) | (chunk["sval"] >= len(strings))
         chunk["name"][bad] = 0  # a string the killed writer never flushed
         chunk["sval"][bad] = 0
-        w.records[lo:lo + len(chunk)] = chunk
-    w._n = n
-    for row in f["ranks"][:]:
+        w.records.resize((out + len(chunk),))
+        w.records[out:out + len(chunk)] = chunk
+        out += len(chunk)
+    gone = np.concatenate(removed) if removed else np.zeros(0, np.int64)
+    st.invalid_rows = len(gone)
+    w._n = out
+    for row in ranks:
         idx = w.ranks.shape[0]
         w.ranks.resize((idx + 1,))
         w.ranks[idx] = row
@@ -253,15 +264,17 @@ def _load(w: PartitionWriter, f) -> _State:
         name = row["name"].decode()
         if name in w.counters:
             w.counters[name] = int(row["value"])
-    w.counters["records"] = n
+    w.counters["records"] = out
     covered = 0
     if "batches" in f:
         for b in f["batches"][:]:
-            end = int(b["start"]) + int(b["count"])
-            if end <= n:
+            start = int(b["start"])
+            end = start + int(b["count"])
+            if end <= n:  # in the new file's rows: less the invalid rows before and inside
+                lo, hi = np.searchsorted(gone, [start, end])
                 st.batches.add((int(b["rank"]), int(b["pid"]), int(b["seq"])))
-                w.note_batch(int(b["rank"]), int(b["pid"]), int(b["seq"]), int(b["start"]),
-                             int(b["count"]), int(b["flags"]))
+                w.note_batch(int(b["rank"]), int(b["pid"]), int(b["seq"]), start - int(lo),
+                             int(b["count"]) - int(hi - lo), int(b["flags"]))
                 covered = max(covered, end)
     if "string_map" in f:
         for m in f["string_map"][:]:
@@ -270,8 +283,18 @@ def _load(w: PartitionWriter, f) -> _State:
                 st.smaps.setdefault(key, {})[int(m["local"])] = int(m["global"])
                 w.map_string(key[0], key[1], int(m["local"]), int(m["global"]))
     # rows after the last batch the file knows of (a flush cut short): compare by content
-    st.tail = {_content_key(r) for r in f["records"][covered:n]} if covered < n else set()
+    tail = f["records"][covered:n] if covered < n else np.zeros(0, R.RECORD_DTYPE)
+    st.tail = {_content_key(r) for r in tail[valid_rows(tail, ranks["rank"])]}
     return st
+
+
+def valid_rows(recs: np.ndarray, ranks) -> np.ndarray:
+    """Which rows are records at all: a known kind (a row of zeros, left where a write
+    never reached the disk, has kind 0) of a rank in the rank table."""
+    ok = np.isin(recs["kind"], list(R.KIND_NAMES))
+    if len(ranks):
+        ok &= np.isin(recs["rank"], np.asarray(ranks))
+    return ok
 
 
 def _content_key(rec) -> bytes:
@@ -375,7 +398,9 @@ def format_report(rep: dict) -> str:
         extra = ""
         if "records_after" in p:
             extra = (f"  records {p.get('records_before', 0)} -> {p['records_after']}"
-                     f" (salvaged {p['salvaged']}, duplicates skipped {p['duplicates_skipped']})")
+                     f" (salvaged {p['salvaged']}, duplicates skipped {p['duplicates_skipped']}"
+                     + (f", invalid rows removed {p['invalid_rows_removed']}"
+                        if p.get("invalid_rows_removed") else "") + ")")
         lines.append(f"  {p['action']:<8} {p['path']}{extra}")
     for s in rep["segments"]:
         lines.append(f"  segment rank {s['rank']} pid {s['pid']}: {s.get('action', '?')}"
