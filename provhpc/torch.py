@@ -42,6 +42,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+from typing import Literal
 
 from .capture import api
 from .format import records as R
@@ -296,7 +297,7 @@ class Watcher:
     def __enter__(self) -> Watcher:
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.close()
         return False
 
@@ -321,7 +322,7 @@ class _Epoch:
     def __enter__(self) -> _Epoch:
         return self.start()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         self.end("ok" if exc_type is None else "error", exc)
         return False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from .output import emit
 
@@ -15,7 +16,7 @@ def _cmd_index(args) -> int:
 
     src = open_path(args.run)
     runs = src.runs if isinstance(src, Collection) else [src]
-    out = []
+    out: list[dict[str, Any]] = []
     for run in runs:
         t0 = time.perf_counter()
         path = build(run.path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ def _cmd_query(args) -> int:
 
     with open_source(args.run) as src:
         run = single_run(src)
+        res: Any  # what the question returns: a table, a list of rows or a dict
         need_arg = {"produced", "derivation"}
         if what in need_arg and not args.arg:
             raise ValueError(f"query {what} needs an ENTITY (id, data path or name)")

@@ -75,7 +75,8 @@ def run(cmd: list[str], out=None) -> int:
         # unwound within agent.SIGTERM_GRACE, while the handler is still ours.
         signal.set_wakeup_fd(s.agent._wake_w, warn_on_full_buffer=False)
         s.agent.sigterm_exit = lambda: signal.getsignal(signal.SIGTERM) is _on_sigterm
-    status, code, error = "ok", 0, None
+    error: BaseException | None = None
+    status, code = "ok", 0
     try:
         _run_python(*parsed)
     except SystemExit as exc:

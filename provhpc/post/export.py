@@ -9,7 +9,7 @@ import numpy as np
 
 from .lineage import graph
 from .prov import PROV_FORMATS, document, serialize
-from .tables import TABLES
+from .tables import TABLES, field_names
 
 __all__ = ["FORMATS", "export", "serialize", "to_parquet", "to_prov"]
 
@@ -44,7 +44,7 @@ def to_parquet(source, directory: str) -> list[str]:
     for name in TABLES:
         arr = np.asarray(source.table(name))
         cols = {}
-        for col in arr.dtype.names:
+        for col in field_names(arr):
             v = arr[col]
             if name == "attributes" and col == "value":
                 num = np.isin(arr["vtype"], ("int", "float", "bool"))
@@ -53,7 +53,8 @@ def to_parquet(source, directory: str) -> list[str]:
                 if num.any():
                     fv[num] = v[num].astype(float)
                 cols["value_num"] = pa.array(fv, pa.float64())
-                cols["value_str"] = pa.array(np.where(arr["vtype"] == "str", v, None).tolist(),
+                none = np.asarray(None, object)
+                cols["value_str"] = pa.array(np.where(arr["vtype"] == "str", v, none).tolist(),
                                              pa.string())
                 continue
             cols[col] = pa.array(v.tolist(), pa.string()) if v.dtype.kind == "O" \

@@ -75,7 +75,7 @@ def _encode(value) -> bytes:
 
 def put_table(group: h5py.Group, arr: np.ndarray) -> None:
     group.attrs["rows"] = len(arr)
-    for name in arr.dtype.names:
+    for name in _tables.field_names(arr):
         col = arr[name]
         if col.dtype.kind != "O":
             group.create_dataset(name, data=col)
@@ -180,7 +180,7 @@ class StoredTable:
 
     def _read_at(self, dataset: str, idx) -> np.ndarray:
         if not self._few(idx):
-            return (self.column(dataset) if dataset in self.dtype.names
+            return (self.column(dataset) if dataset in _tables.field_names(self.dtype)
                     else self.g[dataset][:])[idx]
         if not len(idx):
             return self.g[dataset][:0]
@@ -199,13 +199,13 @@ class StoredTable:
         """The rows ``idx`` as a structured array, decoding only the values they use."""
         idx = np.asarray(idx, np.int64)
         out = np.zeros(len(idx), self.dtype)
-        for name in self.dtype.names:
+        for name in _tables.field_names(self.dtype):
             out[name] = self.column_at(name, idx)
         return out
 
     def full(self) -> np.ndarray:
         out = np.zeros(self.n, self.dtype)
-        for name in self.dtype.names:
+        for name in _tables.field_names(self.dtype):
             out[name] = self.column(name)
         return out
 
@@ -231,7 +231,8 @@ class Index:
 
     def __init__(self, f: h5py.File):
         self.f = f
-        self.time_range = tuple(int(x) for x in f.attrs["time_range"])
+        first, last = (int(x) for x in f.attrs["time_range"])
+        self.time_range: tuple[int, int] = (first, last)
         self._stored: dict = {}
 
     def stored(self, name: str) -> StoredTable:

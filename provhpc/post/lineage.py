@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,10 @@ def entity_identity(run_id: str, cwd: str, kind, key, hsh) -> np.ndarray:
 
 class Graph:
     """The PROV graph of some runs: ``nodes`` and ``edges`` tables plus CSR indexes."""
+
+    # set only on a graph read from an index (from_index) and by graph() respectively
+    _entity_source: Any
+    runs_for_export: list
 
     def __init__(self, runs):
         runs = list(runs)

@@ -32,10 +32,14 @@ import datetime as _dt
 import hashlib
 import os
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..format import records as R
+
+if TYPE_CHECKING:
+    from prov.model import ProvDocument
 
 __all__ = ["ACTIVITY_TYPES", "DATA_NS_URI", "ENTITY_TYPES", "NS_URI", "PROV_FORMATS",
            "RUN_NS_URI", "document", "serialize"]
@@ -77,7 +81,7 @@ def _literal(v):
 
 
 class _Builder:
-    def __init__(self, runs, g, lineage=None):
+    def __init__(self, runs, g, lineage=None) -> None:
         pm = _prov()
         self.pm = pm
         self.doc = pm.ProvDocument()
@@ -179,7 +183,7 @@ class _Builder:
                     attrs[self.t("hash")] = str(n["hash"])
                 self.doc.entity(self.node_id(i), attrs)
 
-    def add_edges(self):
+    def add_edges(self) -> None:
         e = np.asarray(self.g.edges)
         if self.keep is not None and len(e):
             e = e[self.keep[e["src"]] & self.keep[e["dst"]]]
@@ -211,7 +215,7 @@ class _Builder:
                     self.doc.wasInformedBy(self.node_id(src), self.node_id(gen),
                                            other_attributes={self.t("inferred"): True})
 
-    def add_metrics(self, run, ranks):
+    def add_metrics(self, run, ranks) -> None:
         """Per activity and metric name an entity; per rank and name a series collection."""
         ns = self.run_ns[run.run_id]
         m = np.asarray(run.metrics())
@@ -249,7 +253,7 @@ class _Builder:
             self.doc.hadMember(series[sk], ent)
 
 
-def document(runs, g, lineage=None):
+def document(runs, g, lineage=None) -> ProvDocument:
     """A ``prov.model.ProvDocument`` of ``runs`` whose lineage graph is ``g`` (or, with
     ``lineage``, of that subgraph of ``g`` only)."""
     runs = list(runs)
@@ -285,9 +289,15 @@ def document(runs, g, lineage=None):
     return b.doc
 
 
-def serialize(doc, fmt: str) -> str:
+def _text(doc: ProvDocument, **options) -> str:
+    text = doc.serialize(**options)
+    assert text is not None  # prov returns the text when given no destination
+    return text
+
+
+def serialize(doc: ProvDocument, fmt: str) -> str:
     if fmt == "prov-json":
-        return doc.serialize(format="json", indent=1)
+        return _text(doc, format="json", indent=1)
     if fmt == "prov-n":
         return doc.get_provn()
     if fmt == "prov-o":
@@ -295,5 +305,5 @@ def serialize(doc, fmt: str) -> str:
             import rdflib  # noqa: F401
         except ImportError as exc:
             raise ImportError("PROV-O export needs rdflib: pip install rdflib") from exc
-        return doc.serialize(format="rdf", rdf_format="turtle")
+        return _text(doc, format="rdf", rdf_format="turtle")
     raise ValueError(f"unknown PROV format {fmt!r}")

@@ -14,7 +14,7 @@ import numpy as np
 from ..format import records as R
 from .lineage import graph, lineage
 from .query import attributes_of
-from .tables import as_table, pair_keys
+from .tables import as_table, field_names, pair_keys
 
 CODE_KINDS = ("code", "script", "software", "source")
 
@@ -45,7 +45,7 @@ def produced(source, spec) -> dict:
         else:
             data.append(item)
     acts = lin.activities()
-    params = {}
+    params: dict[str, dict] = {}
     for a in acts.to_dicts():
         p = attributes_of(runs[a["run"]], a["rank"], a["id"], role="parameter")
         if p:
@@ -209,7 +209,7 @@ def stage_times(run, types=("stage", "epoch")) -> np.ndarray:
     t = t[np.lexsort((t["start"], t["rank"]))]
     out = np.zeros(len(t), [("rank", "<i4"), ("node", "O"), ("type", "O"), ("name", "O"),
                             ("index", "<i8"), ("duration_s", "<f8"), ("status", "O")])
-    for col in out.dtype.names:
+    for col in field_names(out):
         out[col] = t[col]
     out["index"] = np.where(t["index"] == R.NO_STEP, -1, t["index"])
     return as_table(out)
@@ -276,7 +276,8 @@ def failures(run) -> list:
         mine = t[t["rank"] == rank]
         parents = dict(zip(mine["id"].tolist(), mine["parent"].tolist()))
         msg = attributes_of(run, rank, int(row["id"])).get("exception", "")
-        inputs, cur, via = [], int(row["id"]), None
+        inputs: list[dict[str, str]] = []
+        cur, via = int(row["id"]), None
         while cur and not inputs:
             objs = rel["object"][(rel["rank"] == rank) & (rel["subject"] == cur)]
             ents = e[(e["rank"] == rank) & np.isin(e["id"], objs)]

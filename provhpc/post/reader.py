@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import h5py
 import numpy as np
@@ -17,6 +18,9 @@ from ..format import records as R
 from ..format.partition import open_partition
 from . import tables as _tables
 from .tables import TABLES
+
+if TYPE_CHECKING:
+    from .index import Index
 
 
 class PartitionError(OSError):
@@ -188,7 +192,7 @@ class Run(_Tables):
     def __init__(self, path: str, select=None, use_index: bool = True):
         self.path = os.path.abspath(path)
         self.use_index = use_index
-        self._index = False  # not looked up yet
+        self._index: Index | Literal[False] | None = False  # not looked up yet
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"{path}: no such run directory")
         self.all_partition_paths = sorted(
@@ -239,7 +243,7 @@ class Run(_Tables):
         return sorted(p for p in paths if not os.path.exists(p))
 
     @property
-    def index(self):
+    def index(self) -> Index | None:
         """The run's ``index.hdf5`` when it exists and matches the partitions (``provhpc
         index``), else None; never for a selection of partitions."""
         if self._index is False:
@@ -274,12 +278,13 @@ class Run(_Tables):
             self._cache[name] = self.index.table(name)
         if name not in self._cache:
             parts = []
-            for p in list(self.partitions):
+            readable = self.partitions
+            for p in list(readable):
                 try:
                     parts.append(p.tables()[name])
                 except PartitionError as exc:
                     self.errors[p.path] = str(exc)
-                    self._partitions.remove(p)
+                    readable.remove(p)
             self._cache[name] = _tables.concat(name, parts)
         return self._cache[name]
 
@@ -546,7 +551,11 @@ def _combine(run, parts: list) -> dict:
     }
 
 
-def summary(run, comm=None) -> dict:
+@overload
+def summary(run, comm: None = None) -> dict: ...
+@overload
+def summary(run, comm: Any) -> dict | None: ...
+def summary(run, comm=None) -> dict | None:
     """Ranks, nodes, records by kind per rank, drops, duration: the `provhpc summary` view.
 
     With ``comm`` (an mpi4py communicator, and ``run`` opened with a

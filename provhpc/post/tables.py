@@ -42,6 +42,14 @@ DTYPES = {"tasks": TASK_DTYPE, "entities": ENTITY_DTYPE, "metrics": METRIC_DTYPE
 VTYPE_NAMES = np.array([R.VTYPE_NAMES.get(i, "?") for i in range(8)], object)
 
 
+def field_names(a: np.ndarray | np.dtype) -> tuple[str, ...]:
+    """The column names of a structured array or dtype (``TypeError`` for a plain one)."""
+    dtype = a if isinstance(a, np.dtype) else a.dtype
+    if dtype.names is None:
+        raise TypeError(f"not a structured array: dtype {dtype}")
+    return dtype.names
+
+
 class Table(np.ndarray):
     """A numpy structured array of one kind of object, with conversions."""
 
@@ -55,12 +63,12 @@ class Table(np.ndarray):
             raise ImportError("Table.to_pandas() needs pandas: pip install 'provhpc[pandas]'") \
                 from exc
         arr = np.asarray(self)
-        return pd.DataFrame({name: arr[name] for name in arr.dtype.names})
+        return pd.DataFrame({name: arr[name] for name in field_names(arr)})
 
     def to_dicts(self) -> list[dict]:
         """Rows as plain dicts of Python values (for JSON)."""
         arr = np.asarray(self)
-        cols = {name: arr[name].tolist() for name in arr.dtype.names}
+        cols = {name: arr[name].tolist() for name in field_names(arr)}
         return [dict(zip(cols, row)) for row in zip(*cols.values())] if len(arr) else []
 
 
