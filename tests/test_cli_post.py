@@ -44,11 +44,37 @@ def test_query_questions(out, capsys):
     assert [b["run"] for b in best] == ["run-2", "run-1"]
     fails = _json(capsys, ["query", run, "failures"])
     assert fails[0]["exception"] == "RuntimeError" and fails[0]["node"] == "node-b"
-    assert _json(capsys, ["query", run, "stages"])
     assert _json(capsys, ["query", run, "capture"])["records"] > 0
-    assert main(["query", run, "stragglers"]) == 0
-    assert main(["query", run, "lagging"]) == 0
     capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """A run whose answers are known: rank 1 sleeps 50 ms per epoch and its loss is 0.5 higher."""
+    d = tmp_path_factory.mktemp("slow")
+    return build_run(d, "run-3", slow_rank=1, lag_rank=1)
+
+
+def test_query_stages_stragglers_lagging_content(slow, capsys):
+    stages = _json(capsys, ["query", slow, "stages"])
+    count: dict = {}
+    for s in stages:
+        count[(s["type"], s["name"])] = count.get((s["type"], s["name"]), 0) + 1
+    # curation once and train once per rank, validate and an epoch three times per rank
+    assert count == {("stage", "curation"): 2, ("stage", "train"): 2,
+                     ("stage", "validate"): 6, ("epoch", "epoch"): 6}
+    assert all(s["status"] == "ok" for s in stages)
+    train = {s["rank"]: s["duration_s"] for s in stages if s["name"] == "train"}
+    # rank 1's train holds its three sleeping epochs: at least 150 ms, and rank 0 none
+    assert train[1] >= 0.15 > train[0]
+    slowest = _json(capsys, ["query", slow, "stragglers"])
+    assert slowest and {(r["rank"], r["node"]) for r in slowest} == {(1, "node-b")}
+    assert {r["index"] for r in slowest if r["type"] == "epoch"} == {0, 1, 2}
+    # epoch_loss is a loss: the rank with the higher last loss lags, not the better one
+    lag = _json(capsys, ["query", slow, "lagging"])
+    assert [(r["rank"], r["epoch"]) for r in lag] == [(1, 2)]
+    assert lag[0]["value"] == pytest.approx(1 / 3 + 0.5) and lag[0]["worse_by"] > 0.2
+    assert _json(capsys, ["query", slow, "lagging", "--mode", "max"])[0]["rank"] == 0
 
 
 def test_lineage_export_report_merge(out, capsys, tmp_path):

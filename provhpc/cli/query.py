@@ -41,12 +41,13 @@ def _cmd_query(args) -> int:
             res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
             text = format_table(res, limit=args.limit)
         elif what == "lagging":
+            # a loss by default: lower is better unless --mode max says otherwise
             res = Q.lagging_ranks(run, args.metric or "epoch_loss",
                                   args.mode == "max", args.threshold)
             text = format_table(res) if res else "no rank lags (tolerance " \
                 f"{args.threshold:g})"
         elif what == "best":
-            res = Q.best(src, args.metric or "val_accuracy", args.mode)
+            res = Q.best(src, args.metric or "val_accuracy", args.mode or "max")
             text = format_table([{**r, "hyperparameters": r["hyperparameters"]} for r in res])
         elif what == "stages":
             res = Q.stage_times(run)
@@ -204,8 +205,9 @@ def _add_query(sub):
     p.add_argument("--where", action="append", metavar="KEY OP VALUE",
                    help="column or attribute comparison (repeatable, all must hold)")
     p.add_argument("--metric", help="metric name (epochs, lagging, best)")
-    p.add_argument("--mode", choices=("max", "min"), default="max",
-                   help="best/lagging: is a higher metric better (max) or lower (min)")
+    p.add_argument("--mode", choices=("max", "min"), default=None,
+                   help="best/lagging: is a higher metric better (max) or lower (min); "
+                        "default max for best (an accuracy), min for lagging (a loss)")
     p.add_argument("--threshold", type=float, default=0.2,
                    help="stragglers/lagging: relative slack over the median (default 0.2)")
     p.add_argument("--origin", help="derivation: only the chain to this origin entity")
