@@ -29,6 +29,8 @@ from .launch import identity as _identity
 from .node.aggregator import Aggregator
 from .post.reader import Run
 
+__all__ = ["Capture", "capture"]
+
 
 class Capture:
     def __init__(self, out: str, run_id: str, node: str):

@@ -48,6 +48,8 @@ from .capture import api
 from .format import records as R
 from .launch import session as _session
 
+__all__ = ["MAX_LAYERS", "Watcher", "model_summary", "save", "watch", "world_info"]
+
 MAX_LAYERS = 256  # leaf layers listed one by one; beyond that only counted
 _watcher: Watcher | None = None  # the latest watcher: save() derives from it by default
 

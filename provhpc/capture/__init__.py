@@ -3,3 +3,5 @@ batches records into shared memory, and the C hot path ``_fast``.
 
 Imports ``provhpc.format`` only.
 """
+
+__all__: list[str] = []

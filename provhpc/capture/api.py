@@ -19,6 +19,11 @@ import time
 from ..format import records as R
 from .agent import _get_ident, start_worker_agent
 
+__all__ = [
+    "Activity", "Entity", "attribute", "current_activity", "data", "epoch", "file_hash",
+    "generated", "hyperparameters", "metric", "stage", "task", "used"
+]
+
 _agent = None  # the process's Agent, set by provhpc.init()
 _fork_info = None  # in a forked child: what it needs to start its own agent lazily
 _current = contextvars.ContextVar("provhpc_activity", default=0)

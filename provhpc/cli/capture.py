@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 
+__all__ = ["VERBS"]
+
 
 def _cmd_run(args) -> int:
     from ..launch.run import run

@@ -6,6 +6,8 @@ import sys
 
 from .output import dump, emit, open_source, single_run
 
+__all__ = ["VERBS"]
+
 
 def _cmd_export(args) -> int:
     from ..post.export import export

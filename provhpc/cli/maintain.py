@@ -8,6 +8,8 @@ from typing import Any
 
 from .output import emit
 
+__all__ = ["VERBS"]
+
 
 def _cmd_index(args) -> int:
 

@@ -9,6 +9,11 @@ import numpy as np
 
 from ..format import records as R
 
+__all__ = [
+    "dump", "emit", "format_summary", "format_table", "friendly", "jsonable", "open_source",
+    "parse_ranks", "rows_of", "single_run"
+]
+
 _HIDE = {"run"}
 
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from .output import dump, emit, format_table, open_source, parse_ranks, single_run
 
+__all__ = ["QUESTIONS", "TABLE_VERBS", "VERBS"]
+
 TABLE_VERBS = ("tasks", "entities", "metrics", "attributes", "relations")
 QUESTIONS = ("produced", "derivation", "epochs", "lagging", "best", "stages", "stragglers",
              "failures", "capture", "metadata", "timeline")

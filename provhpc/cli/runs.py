@@ -6,6 +6,8 @@ import os
 
 from .output import emit, format_summary, format_table, open_source, single_run
 
+__all__ = ["VERBS"]
+
 
 def _cmd_ls(args) -> int:
     from ..post.reader import Collection, Run, is_run_dir

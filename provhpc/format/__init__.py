@@ -3,3 +3,5 @@ protocol frames, the network keys, the partition schema and writer, the drop rea
 
 The lowest layer: it imports nothing else of provhpc.
 """
+
+__all__: list[str] = []

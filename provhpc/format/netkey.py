@@ -17,6 +17,11 @@ import stat
 import zmq
 from zmq.utils import z85
 
+__all__ = [
+    "KEY_CHARS", "ZAP_DOMAIN", "ZAP_ENDPOINT", "keygen", "keypair", "load_secret", "setup_client",
+    "setup_server", "zap_reply"
+]
+
 KEY_CHARS = 40
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"provhpc"

@@ -17,6 +17,11 @@ import numpy as np
 
 from .records import RECORD_DTYPE, SCHEMA_VERSION
 
+__all__ = [
+    "BATCH_DTYPE", "COUNTERS", "COUNTER_DTYPE", "DISK_RESERVE", "DROP_DTYPE", "LIBVER",
+    "PartitionWriter", "RANK_DTYPE", "RECORD_CHUNK", "SMAP_DTYPE", "STRING_DTYPE", "open_partition"
+]
+
 LIBVER = ("v110", "v110")  # readable by HDF5 1.10 tools; SWMR needs >= v110
 
 STRING_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("flags", "<u2")])

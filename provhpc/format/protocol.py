@@ -11,6 +11,11 @@ from __future__ import annotations
 import json
 import struct
 
+__all__ = [
+    "ACK", "ACK_FMT", "BATCH", "BATCH_FMT", "FAREWELL", "GOODBYE", "HEARTBEAT", "HELLO", "NACK",
+    "WELCOME", "dumps", "loads"
+]
+
 HELLO = b"H"  # rank -> agg: JSON identity and segment path
 WELCOME = b"W"  # agg -> rank: JSON {"mode": "shm"|"inline"} or {"error": ...}
 BATCH = b"B"  # rank -> agg: BATCH_FMT [+ records bytes, heap bytes when inline]

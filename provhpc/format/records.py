@@ -14,6 +14,14 @@ import struct
 
 import numpy as np
 
+__all__ = [
+    "ACTIVITY_END", "ACTIVITY_START", "ATTRIBUTE", "ENTITY", "F_COERCED", "F_REJECTED",
+    "F_SALVAGED", "F_TRUNCATED", "HAD_MEMBER", "KIND_NAMES", "METRIC", "NO_STEP", "RECORD",
+    "RECORD_DTYPE", "RECORD_FORMAT", "RECORD_HDR", "RECORD_SIZE", "RELATION", "SCHEMA_VERSION",
+    "STATUS_NAMES", "STRING", "USED", "VTYPE_NAMES", "WAS_DERIVED_FROM", "WAS_GENERATED_BY",
+    "WAS_INFORMED_BY", "coerce", "flatten", "header", "is_finite_number"
+]
+
 SCHEMA_VERSION = 1
 
 # Record kinds (column ``kind``).

@@ -27,6 +27,11 @@ import numpy as np
 
 from .records import RECORD_DTYPE, RECORD_SIZE
 
+__all__ = [
+    "DROPS_OFFSET", "DROP_REASONS", "HEADER", "Layout", "MAGIC", "NREASONS", "SLOT_ENTRY",
+    "Segment", "TABLE_OFFSET", "VERSION", "segment_name", "shm_dir"
+]
+
 MAGIC = b"PRVHSEG1"
 VERSION = 1
 HEADER = struct.Struct("<8sIiIIIII")

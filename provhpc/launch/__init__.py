@@ -3,3 +3,5 @@ rendezvous with the node aggregator) and the program runner.
 
 Imports ``provhpc.capture`` and ``provhpc.format``.
 """
+
+__all__: list[str] = []

@@ -12,6 +12,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+__all__ = ["Config", "SETTINGS", "load", "markdown_table", "to_environ"]
+
 
 def _positive_int(v):
     v = int(v)

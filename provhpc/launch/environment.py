@@ -28,6 +28,12 @@ import socket
 import subprocess
 import sys
 
+__all__ = [
+    "ALLOWED_ENV", "ALLOWED_ENV_PREFIXES", "GIT_TIMEOUT", "PACKAGES", "REDACTED", "SECRET_NAME",
+    "SLURM_FIELDS", "allowed_env", "collect", "git_info", "is_secret", "package_versions",
+    "redact_argv", "redact_url", "redact_value", "slurm_info"
+]
+
 REDACTED = "<redacted>"
 
 SECRET_NAME = re.compile(

@@ -12,6 +12,8 @@ import re
 import socket
 from dataclasses import asdict, dataclass
 
+__all__ = ["Identity", "detect", "short_hostname", "simulate", "slurm_tasks_on_node"]
+
 
 @dataclass(frozen=True)
 class Identity:

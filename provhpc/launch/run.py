@@ -18,6 +18,8 @@ import traceback
 
 from . import session as _session
 
+__all__ = ["PYTHON_FLAGS_WITHOUT_VALUE", "run", "split_python"]
+
 PYTHON_FLAGS_WITHOUT_VALUE = {"-u", "-B", "-O", "-OO", "-s", "-S", "-E", "-I", "-q"}
 
 

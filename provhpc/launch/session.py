@@ -29,6 +29,12 @@ from . import config as _config
 from . import environment as _environment
 from . import identity as _identity
 
+__all__ = [
+    "RUN_ID_RE", "Session", "agree_run_id", "clean_env", "current", "init", "new_run_id",
+    "on_shutdown", "rendezvous", "run_meta", "runtime_base", "shutdown", "spawn_aggregator",
+    "validate_run_id", "wait_ready"
+]
+
 log = logging.getLogger("provhpc")
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")

@@ -3,3 +3,5 @@ sampling, and ``recover`` for what a killed aggregator left.
 
 Imports ``provhpc.format`` only.
 """
+
+__all__: list[str] = []

@@ -32,6 +32,8 @@ from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import DROP_REASONS, Segment, segment_name, shm_dir
 from . import telemetry as _telemetry
 
+__all__ = ["Aggregator", "MAX_FRAME", "Stream", "pid_alive", "run_process"]
+
 log = logging.getLogger("provhpc.aggregator")
 
 MAX_FRAME = 64 << 20

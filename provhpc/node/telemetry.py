@@ -39,6 +39,8 @@ import numpy as np
 
 from ..format import records as R
 
+__all__ = ["GPUs", "PREFIX", "SAMPLE_DTYPE", "Sampler", "read_proc", "samples"]
+
 log = logging.getLogger("provhpc.telemetry")
 
 PREFIX = "telemetry."

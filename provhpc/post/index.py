@@ -37,6 +37,10 @@ import numpy as np
 
 from . import tables as _tables
 
+__all__ = [
+    "FILENAME", "Index", "NotIndexable", "StoredTable", "VERSION", "load", "put_table", "sources"
+]
+
 FILENAME = "index.hdf5"
 VERSION = 1
 log = logging.getLogger("provhpc.index")

@@ -28,6 +28,8 @@ import numpy as np
 from .prov import document
 from .tables import as_table, lookup, pair_keys
 
+__all__ = ["EDGE_DTYPE", "Graph", "Lineage", "NODE_DTYPE", "entity_identity", "graph", "lineage"]
+
 NODE_DTYPE = np.dtype([
     ("node", "<i8"), ("type", "O"), ("run", "O"), ("rank", "<i4"), ("id", "<u8"),
     ("name", "O"), ("kind", "O"), ("hash", "O"), ("host", "O"), ("start", "<i8"),

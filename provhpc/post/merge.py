@@ -18,6 +18,8 @@ import numpy as np
 from ..format.partition import COUNTERS, PartitionWriter
 from .reader import Collection, Run, is_run_dir
 
+__all__ = ["CHUNK", "merge", "merge_run"]
+
 CHUNK = 1 << 20
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["RankFailed", "comm_from_env", "gather_or_raise", "share"]
+
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                   "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
 

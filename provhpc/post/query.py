@@ -20,6 +20,8 @@ import numpy as np
 
 from .tables import DTYPES, as_table, pair_keys
 
+__all__ = ["attributes_of", "compare", "iso", "parse_term", "parse_value", "select", "to_ns"]
+
 _OWNER = {"tasks": "id", "entities": "id", "metrics": "activity", "attributes": "owner",
           "relations": "subject"}
 _NAME = {"tasks": "name", "entities": "key", "metrics": "name", "attributes": "key",

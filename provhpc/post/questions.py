@@ -16,6 +16,11 @@ from .lineage import graph, lineage
 from .query import attributes_of
 from .tables import as_table, field_names, pair_keys
 
+__all__ = [
+    "CODE_KINDS", "best", "capture_stats", "derivation", "epoch_metrics", "failures",
+    "hyperparameters_for", "lagging_ranks", "produced", "stage_times", "stragglers"
+]
+
 CODE_KINDS = ("code", "script", "software", "source")
 
 

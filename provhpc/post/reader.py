@@ -22,6 +22,10 @@ from .tables import TABLES
 if TYPE_CHECKING:
     from .index import Index
 
+__all__ = [
+    "Collection", "Partition", "PartitionError", "Run", "is_run_dir", "open_path", "summary"
+]
+
 
 class PartitionError(OSError):
     """A partition file is missing, truncated or not a provhpc partition."""

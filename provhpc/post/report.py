@@ -12,6 +12,8 @@ from ..format import records as R
 from . import questions as Q
 from .reader import summary
 
+__all__ = ["plot_metrics", "plot_records", "plot_timeline", "report", "x_axis"]
+
 _COLORS = {"run": "#dddddd", "stage": "#4c72b0", "epoch": "#55a868", "task": "#c44e52"}
 _ROW = {"run": 0, "stage": 1, "epoch": 2, "task": 3}
 

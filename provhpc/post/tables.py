@@ -16,6 +16,12 @@ import numpy as np
 
 from ..format import records as R
 
+__all__ = [
+    "ATTRIBUTE_DTYPE", "DTYPES", "ENTITY_DTYPE", "METRIC_DTYPE", "RELATION_DTYPE", "ROLE_NAMES",
+    "TABLES", "TASK_DTYPE", "Table", "VTYPE_NAMES", "as_table", "concat", "decode", "empty",
+    "field_names", "lookup", "pair_keys"
+]
+
 TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
 
 ROLE_NAMES = np.array(["attribute", "parameter", "generated"], object)
