@@ -20,7 +20,8 @@ run_part() {
 for part in "${parts[@]}"; do
   case $part in
     lint) run_part lint $BIN/ruff check provhpc tests benchmarks examples
-          run_part lint-imports $BIN/lint-imports ;;
+          run_part lint-imports $BIN/lint-imports
+          run_part mypy $BIN/mypy provhpc ;;
     unit) run_part unit $BIN/python -m pytest "${PYTEST[@]}" tests --ignore=tests/mpi \
             -m "not slurm and not multinode"
           run_part gpu-check-cpu env PY=$BIN/python bash benchmarks/gpu_check.sh --fallback ;;

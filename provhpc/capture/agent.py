@@ -121,7 +121,7 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._closing = threading.Event()
-        self._sigterm_at = None
+        self._sigterm_at: float | None = None
         self.sigterm_exit = None  # set by `provhpc run`: may the agent end a stuck process?
         self._welcomed = threading.Event()
         self._done = threading.Event()

@@ -15,6 +15,7 @@ import hashlib
 import os
 import struct
 import time
+from typing import Any, Literal
 
 from ..format import records as R
 from .agent import _get_ident, start_worker_agent
@@ -33,8 +34,9 @@ _METRIC, _V_FLOAT, _ATTRIBUTE = R.METRIC, R.V_FLOAT, R.ATTRIBUTE
 
 ROLE_ATTRIBUTE, ROLE_PARAMETER, ROLE_GENERATED = 0, 1, 2  # ``ref`` of ATTRIBUTE records
 
+_fast: Any  # the C module (no type stub: its functions are described in _fast.c)
 try:  # the owner thread's hot path of activities and values in C (provhpc/_fast.c)
-    from . import _fast
+    from . import _fast  # type: ignore[attr-defined,no-redef]
 except ImportError:  # not built (no compiler): the Python path below does the same
     _fast = None
 _c_start, _c_values = (_fast.start, _fast.values) if _fast is not None else (None, None)
@@ -202,7 +204,7 @@ def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
     eid = agent.next_id()
     agent.emit(R.ENTITY, 0, 0, eid, _current.get(), _time_ns(), key, kind, _NO_STEP, 0, 0.0)
     ent = Entity(key, kind, eid)
-    extra = {}
+    extra: dict[str, Any] = {}
     if kind != "domain" and ("/" in key or "." in key):
         try:
             st = os.stat(key)
@@ -334,12 +336,23 @@ class _ActivityBase:
         self.inputs, self.params = used, params
         self.id = 0
         self.parent = 0
-        self._token = None
+        # the context token of a started activity; False when started with capture off
+        self._token: contextvars.Token[int] | Literal[False] | None = None
+
+    # what Activity provides (declared here so that the with-block types)
+    def start(self) -> Activity:
+        raise NotImplementedError
+
+    def end(self, status: str = "ok", error: BaseException | None = None) -> None:
+        raise NotImplementedError
+
+    def _generated(self, *entities, **values) -> Activity:
+        raise NotImplementedError
 
     def __enter__(self) -> Activity:
         return self.start()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if exc_type is None:
             self.end()
         else:
@@ -352,7 +365,8 @@ class _ActivityBase:
 
 if _fast is not None:
     _fast.bind(globals(), _current)
-    _ActivityBase = _fast.ActivityBase  # noqa: F811 - the C twin of the class above
+    # the C twin of the class above
+    _ActivityBase = _fast.ActivityBase  # type: ignore[misc]  # noqa: F811
 
 
 class Activity(_ActivityBase):

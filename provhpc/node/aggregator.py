@@ -52,7 +52,8 @@ class Stream:
         self.records = 0
         self.salvaged = 0
         self.write_drops = 0  # records this aggregator could not write (aggregator_write)
-        self.sock = None  # the socket its hello came on (None for a salvaged orphan)
+        # the socket its hello came on (None for a salvaged orphan)
+        self.sock: zmq.Socket | None = None
         self.closed = False
         self.last_seen = time.monotonic()
 
@@ -70,7 +71,7 @@ class Aggregator:
         self.closed_ranks = 0
         self._stop = threading.Event()
         self._drain_deadline = None
-        self.writer: PartitionWriter | None = None
+        self._writer: PartitionWriter | None = None  # open() creates it
         self.ready = threading.Event()
         self.exit_status = 0
         self._seg_prefix = f"provhpc-{os.getuid()}-{run_id}-"
@@ -96,6 +97,13 @@ class Aggregator:
             self._keys = netkey.keypair(cfg.key_file)
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def writer(self) -> PartitionWriter:
+        """The partition's writer; it exists from ``open()`` on."""
+        if self._writer is None:
+            raise RuntimeError("aggregator: the partition is not open yet")
+        return self._writer
     def stop(self) -> None:
         """Drain: let connected ranks finish for a short grace, salvage the rest, close."""
         self._stop.set()
@@ -167,7 +175,7 @@ class Aggregator:
                  "writer": f"provhpc {__version__}", "expect": self.expect,
                  "writer_pid": os.getpid(), "writer_host": socket.gethostname()}
         self.path = _unused_path(self.path)  # a restarted aggregator never overwrites
-        self.writer = PartitionWriter(self.path, attrs, self.cfg.compression)
+        self._writer = PartitionWriter(self.path, attrs, self.cfg.compression)
         self._mark = self.writer.mark()
         self._take_reserve()
         if self.cfg.telemetry_interval > 0:
@@ -251,6 +259,7 @@ class Aggregator:
                 return
 
     def _answer_zap(self, zap) -> None:
+        assert self._keys is not None  # ZAP runs only on a TCP endpoint, which has keys
         public = self._keys[0]
         for _ in range(100):
             try:
@@ -376,13 +385,15 @@ class Aggregator:
         slot, seq, count, heap_used = P.BATCH_FMT.unpack(payload)
         s.last_seen = time.monotonic()
         if s.mode == "shm":
-            lay = s.seg.layout
+            seg = s.seg
+            assert seg is not None  # a shm stream always has its segment
+            lay = seg.layout
             if slot >= lay.slots or count > lay.slot_records or heap_used > lay.heap:
                 return self._malformed(sock, key, "batch outside the segment geometry")
             if seq < s.expected_seq:  # a replay: already on disk, just free the slot again
                 self.writer.counters["replayed_batches"] += 1
                 return sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
-            recs, heap = s.seg.records(slot, count), s.seg.heap(slot, heap_used)
+            recs, heap = seg.records(slot, count), seg.heap(slot, heap_used)
         else:
             if len(inline) != 2 or len(inline[0]) != count * RECORD_SIZE \
                     or len(inline[1]) != heap_used:
@@ -578,16 +589,20 @@ class Aggregator:
         if not open_:
             return
         s = min(open_, key=lambda x: x.rank)
+        sock = s.sock
+        assert sock is not None  # open_ holds only streams with a socket
         text = (f"node {self.node}: {self.stopped_writing} at {self.path}: records of this "
                 f"node are no longer stored ({self.write_lost} lost so far, each counted as "
                 "an aggregator_write drop); the program goes on")
         try:
-            s.sock.send_multipart([s.key, P.NACK, text.encode()], zmq.NOBLOCK)
+            sock.send_multipart([s.key, P.NACK, text.encode()], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
     # ------------------------------------------------------------------ telemetry
     def _sample_telemetry(self, streams) -> None:
+        if self.telemetry is None:
+            return
         try:
             self.telemetry.sample(streams)
         except Exception:  # telemetry must never stop the writer of the partition
@@ -681,7 +696,7 @@ class Aggregator:
             s.seg.close(unlink=True)
 
     def _finish(self) -> None:
-        if self.writer is None:
+        if self._writer is None:
             return
         self._give_reserve()
         self._commit()
