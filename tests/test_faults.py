@@ -300,3 +300,32 @@ def test_read_only_output_training_continues(tmp_path, venv_bin, clean_env):
             check_no_loss(rdir, {r: progress(tmp_path, r) for r in range(2)})
     finally:
         remove_segments(run_id)
+
+
+def test_documented_drop_reasons_are_the_counted_ones():
+    """The drop-reason tables of docs/format.md and docs/reliability.md list exactly the
+    reasons of provhpc/format/drops.py, in index order.  (That each is counted is shown
+    where it happens: backpressure in test_contract, no_aggregator and aggregator_write
+    here and in test_disk_full.)"""
+    from provhpc.format import drops as D
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def table(doc: str, header: str) -> list:
+        """The `reason` column of the markdown table whose header row starts ``header``."""
+        with open(os.path.join(root, "docs", doc)) as fh:
+            lines = fh.read().splitlines()
+        start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+        cols = [c.strip() for c in lines[start].split("|")]
+        col = cols.index("reason")
+        rows = []
+        for ln in lines[start + 2:]:
+            if not ln.startswith("|"):
+                break
+            rows.append(ln.split("|")[col].strip().strip("`"))
+        return rows
+
+    assert table("format.md", "| index | reason |") == list(D.DROP_REASONS)
+    assert table("reliability.md", "| reason | counted by |") == list(D.DROP_REASONS)
+    assert [D.REASONS[i] for i in (D.BACKPRESSURE, D.NO_AGGREGATOR, D.AGGREGATOR_WRITE)] == \
+        list(D.DROP_REASONS)

@@ -8,6 +8,7 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -139,3 +140,104 @@ def test_honest_rank_served_and_garbage_counted(tmp_path):
         assert counters["replayed_batches"] >= 1 and counters["sequence_gaps"] >= 1
     finally:
         ctx.destroy(linger=0)
+
+
+# ---------------------------------------------------------------------- string-id bounds
+# A STRING record may define rank-local ids 1 .. LOCAL_ID_LIMIT-1 (id 0 is the empty
+# string, never defined).  The aggregator and `provhpc recover` take definitions through
+# the one StringMap / valid_definition of provhpc.format.strings; these tests sit on
+# both sides of each bound, so a `<=` where `<` belongs (or the reverse) fails them.
+from provhpc.format import strings as SI  # noqa: E402
+from provhpc.format.partition import open_partition  # noqa: E402
+from provhpc.launch import config  # noqa: E402
+from provhpc.node.aggregator import Aggregator, Stream  # noqa: E402
+from provhpc.node.recover import recover  # noqa: E402
+
+EDGE_IDS = [(0, False), (1, True), (SI.LOCAL_ID_LIMIT - 1, True), (SI.LOCAL_ID_LIMIT, False)]
+
+
+def test_valid_definition_bounds():
+    assert [SI.valid_definition(sid, 0, 1, 1) for sid, _ in EDGE_IDS] == [ok for _, ok in EDGE_IDS]
+    assert SI.valid_definition(5, 2, 3, 5) and not SI.valid_definition(5, 2, 4, 5)
+    assert not SI.valid_definition(5, -1, 1, 5) and not SI.valid_definition(5, 0, -1, 5)
+    assert list(SI.unknown_ids(np.array([0, 2, 3]), 3)) == [False, False, True]
+
+
+def test_string_map_remap_keeps_records_of_unknown_ids():
+    m = SI.StringMap()
+    m.define(3, 30)
+    m.define(SI.LOCAL_ID_LIMIT - 1, 99)  # sparse: no 2**31-entry array
+    ids, unknown = m.remap(np.array([0, 3, 4, SI.LOCAL_ID_LIMIT - 1, 2**32 - 1], "<u4"))
+    assert ids.tolist() == [0, 30, 0, 99, 0] and unknown == 2
+    with pytest.raises(ValueError):
+        m.define(SI.LOCAL_ID_LIMIT, 1)
+    with pytest.raises(ValueError):
+        m.define(0, 1)
+
+
+def _batch(sids, rank: int = 0):
+    """One STRING record per id (bytes b"s<id>"), then one METRIC naming each id."""
+    heap = b""
+    recs = np.zeros(2 * len(sids), R.RECORD_DTYPE)
+    for i, sid in enumerate(sids):
+        text = b"s%d" % sid
+        recs[i]["kind"], recs[i]["id"] = R.STRING, sid
+        recs[i]["ival"], recs[i]["step"] = len(heap), len(text)
+        heap += text
+        m = recs[len(sids) + i]
+        m["kind"], m["name"], m["step"], m["rank"] = R.METRIC, sid, i, rank
+    return recs, heap
+
+
+def _metric_names(path: str) -> dict:
+    with open_partition(path) as f:
+        recs, strings, heap = f["records"][:], f["strings"][:], f["string_heap"][:].tobytes()
+    text = [heap[o:o + n].decode() for o, n, _ in strings.tolist()]
+    return {int(r["step"]): text[int(r["name"])] for r in recs if r["kind"] == R.METRIC}
+
+
+def _expected(sids) -> dict:
+    ok = dict(EDGE_IDS)
+    return {i: (f"s{sid}" if ok[sid] else "") for i, sid in enumerate(sids)}
+
+
+def test_aggregator_takes_string_ids_up_to_the_bound(tmp_path):
+    sids = [sid for sid, _ in EDGE_IDS]
+    cfg = config.load({}, runtime_dir=str(tmp_path))
+    agg = Aggregator(cfg, "bounds", "n", str(tmp_path), "ipc://unused", str(tmp_path / "r"))
+    os.makedirs(tmp_path / "bounds")
+    agg._open_partition()
+    s = Stream(b"k", {"rank": 0, "pid": os.getpid()}, None, "inline")
+    recs, heap = _batch(sids)
+    agg._ingest(s, recs, heap, 0, 1)
+    agg.writer.flush()
+    bad = agg.writer.counters["malformed_frames"]
+    agg.writer.close()
+    # ids 0 and LOCAL_ID_LIMIT: each definition refused, plus one for the batch's
+    # records naming undefined ids; every record is kept
+    assert bad == 3
+    assert _metric_names(agg.path) == _expected(sids)
+
+
+def test_recover_takes_string_ids_up_to_the_bound(tmp_path):
+    sids = [sid for sid, _ in EDGE_IDS]
+    run_id = "bounds-rec"
+    rdir = tmp_path / run_id
+    rdir.mkdir()
+    path = os.path.join(S.shm_dir(), S.segment_name(run_id, "n", 0, os.getpid()))
+    seg = S.Segment.create(path, 0, 2, 16, 256)
+    try:
+        recs, heap = _batch(sids)
+        off = seg.layout.records_offset(0)
+        seg.mm[off:off + recs.nbytes] = recs.tobytes()
+        hoff = seg.layout.heap_offset(0)
+        seg.mm[hoff:hoff + len(heap)] = heap
+        seg.u32[S.T_COUNT], seg.u32[S.T_HEAP_USED] = len(recs), len(heap)
+        seg.u64[S.T_SEQ] = 1
+        seg.u32[S.T_STATE] = S.SEALED
+        rep = recover(str(rdir), force=True)  # force: the segment's process (us) lives
+    finally:
+        seg.close(unlink=True)
+    (entry,) = rep["partitions"]
+    assert entry["action"] == "created" and entry["salvaged"] == len(sids)
+    assert _metric_names(str(rdir / "n.h5")) == _expected(sids)

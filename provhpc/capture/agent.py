@@ -45,11 +45,12 @@ from ..format.records import (
     coerce,
     header,
 )
-from ..format.segment import DROP_REASONS, FILLING, FREE, SEALED, Segment, segment_name, shm_dir
+from ..format.drops import BACKPRESSURE, NO_AGGREGATOR
+from ..format.segment import (FILLING, FREE, SEALED, SLOT_U32, SLOT_U64, T_COUNT, T_HEAP_USED,
+                              T_OPENED, T_SEQ, T_STATE, Segment, segment_name, shm_dir)
 
 log = logging.getLogger("provhpc.agent")
 
-BACKPRESSURE, NO_AGGREGATOR, AFTER_SHUTDOWN, ENCODE = range(4)
 HEARTBEAT_S = 1.0  # inline mode: seconds between heartbeats (the aggregator waits >= 10 s)
 
 
@@ -282,7 +283,7 @@ class Agent:
                    len(data), self._heap, 0.0)
         self._heap += len(data)
         self._off += RECORD_SIZE
-        self._u32[self._slot * 8 + 2] = self._heap
+        self._u32[self._slot * SLOT_U32 + T_HEAP_USED] = self._heap
         self._strings[text] = sid
         self.strings_defined += 1
         return sid
@@ -325,12 +326,12 @@ class Agent:
         slot = self._free.popleft()
         self._seq += 1
         lay = self._layout
-        base = slot * 8
-        self._u32[base + 1] = 0
-        self._u32[base + 2] = 0
-        self._u64[slot * 4 + 2] = self._seq
-        self._u64[slot * 4 + 3] = time.monotonic_ns()
-        self._u32[base] = FILLING
+        base = slot * SLOT_U32
+        self._u32[base + T_COUNT] = 0
+        self._u32[base + T_HEAP_USED] = 0
+        self._u64[slot * SLOT_U64 + T_SEQ] = self._seq
+        self._u64[slot * SLOT_U64 + T_OPENED] = time.monotonic_ns()
+        self._u32[base + T_STATE] = FILLING
         self._slot, self._heap = slot, 0
         self._base = self._off = lay.records_offset(slot)
         self._end = self._base + lay.slot_records * RECORD_SIZE
@@ -350,8 +351,8 @@ class Agent:
     def _seal_locked(self) -> None:
         slot = self._slot
         n = (self._off - self._base) // RECORD_SIZE
-        self._u32[slot * 8 + 1] = n
-        self._u32[slot * 8] = SEALED
+        self._u32[slot * SLOT_U32 + T_COUNT] = n
+        self._u32[slot * SLOT_U32 + T_STATE] = SEALED
         self.records += n
         self._outbox.append((slot, self._seq, n, self._heap))
         self._slot, self._base, self._off, self._end = -1, 0, 0, 0
@@ -365,7 +366,7 @@ class Agent:
             if self.seg.state(slot) == SEALED:
                 if self.mode != "shm":  # in shm mode the aggregator zeroed it before the ack
                     self.seg.zero(slot)
-                self._u32[slot * 8] = FREE
+                self._u32[slot * SLOT_U32 + T_STATE] = FREE
                 self._free.append(slot)
                 self._starved = False
                 self._slot_freed.notify_all()
@@ -573,10 +574,6 @@ class Agent:
     @property
     def dropped(self) -> dict:
         return self.seg.drop_counts()
-
-
-def drop_reason_name(index: int) -> str:
-    return DROP_REASONS[index]
 
 
 __all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]

@@ -117,7 +117,41 @@ class PartitionWriter:
         self.counters["strings"] += 1
         return sid
 
+    def adopt_strings(self, strings: np.ndarray, heap: np.ndarray) -> None:
+        """Start from another partition's ``/strings`` and ``/string_heap`` (``provhpc
+        recover``), ids unchanged; a row whose bytes lie outside the heap becomes the
+        empty string.  Only on a writer that has interned nothing yet."""
+        if self._nstrings != 1 or self._heap_n:
+            raise RuntimeError(f"{self.path}: adopt_strings after strings were interned")
+        strings = np.array(strings, STRING_DTYPE)
+        if not len(strings):
+            strings = np.zeros(1, STRING_DTYPE)
+        heap = np.asarray(heap, "u1")
+        ok = strings["offset"] + strings["length"] <= len(heap)
+        strings[~ok] = (0, 0, 0)
+        self.strings.resize((len(strings),))
+        self.strings[:] = strings
+        self.heap.resize((len(heap),))
+        if len(heap):
+            self.heap[:] = heap
+        self._nstrings, self._heap_n = len(strings), len(heap)
+        hb = heap.tobytes()
+        self._string_ids = {}
+        for i, (off, length, _fl) in enumerate(strings.tolist()):
+            self._string_ids.setdefault(hb[off:off + length], i)
+        self._string_ids[b""] = 0
+
+    @property
+    def nstrings(self) -> int:
+        """Rows of ``/strings`` (the known string ids are 0 .. nstrings-1)."""
+        return self._nstrings
+
     # -- records
+    @property
+    def nrecords(self) -> int:
+        """Rows of ``/records`` appended so far (the start row of the next batch)."""
+        return self._n
+
     def room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit while keeping a reserve to close the file cleanly.
 
@@ -188,6 +222,33 @@ class PartitionWriter:
         for k, v in row.items():
             current[k] = v.encode()[: RANK_DTYPE[k].itemsize] if isinstance(v, str) else v
         self.ranks[idx] = current
+
+    def rank_keys(self) -> list[tuple[int, int]]:
+        """The (rank, pid) of every rank row, in row order."""
+        return list(self._rank_rows)
+
+    def rank_row(self, key: tuple[int, int]) -> np.void | None:
+        """The rank row of (rank, pid), or None."""
+        idx = self._rank_rows.get(key)
+        return None if idx is None else self.ranks[idx]
+
+    def add_rank_row(self, row: np.void) -> None:
+        """Append a whole rank row as it is (copied from another partition)."""
+        idx = self._rank_rows[(int(row["rank"]), int(row["pid"]))] = self.ranks.shape[0]
+        self.ranks.resize((idx + 1,))
+        self.ranks[idx] = row
+
+    def add_drop_row(self, row: np.void) -> None:
+        """Append a whole ``/drops`` row as it is (copied from another partition)."""
+        key = (int(row["rank"]), int(row["pid"]), bytes(row["reason"]).decode())
+        idx = self._drop_rows[key] = self.drops.shape[0]
+        self.drops.resize((idx + 1,))
+        self.drops[idx] = row
+
+    def drop_counts(self, rank: int, pid: int) -> dict[str, int]:
+        """The ``/drops`` counts of (rank, pid), by reason."""
+        return {reason: int(self.drops[i]["count"])
+                for (r, p, reason), i in self._drop_rows.items() if (r, p) == (rank, pid)}
 
     def set_drops(self, rank: int, pid: int, drops: dict) -> None:
         for reason, count in drops.items():

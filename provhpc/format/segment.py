@@ -4,27 +4,31 @@ Layout (all little-endian, offsets in bytes)::
 
     0    header   magic "PRVHSEG1", version, rank, pid, slots, slot_records,
                   heap bytes, record size
-    64   drops    16 x u64 drop counters, indexed by DROP_REASONS
-    192  table    per slot 32 bytes: state u32, count u32, heap_used u32,
-                  pad u32, seq u64, opened_ns i64
+    64   drops    16 x u64 drop counters, indexed as in drops.REASONS
+    192  table    per slot 32 bytes (SLOT_ENTRY): state u32, count u32,
+                  heap_used u32, pad u32, seq u64, opened_ns i64; the word
+                  indexes are SLOT_U32/SLOT_U64 and the T_* constants below
     ...  slots    per slot: slot_records x 64-byte records, then the heap
 
 A slot is all zeros when the rank opens it (the aggregator clears it before
 acknowledging it), and every record has a non-zero kind; so a reader of a dead
 rank's filling slot takes records up to the first zero kind: exactly the
 records whose API call returned.  The file lives in /dev/shm,
-is created owner-only (0600) and is named per user, run and rank.
+is created owner-only (0600) and is named per user, run, node, rank and pid
+(:func:`segment_name`; :func:`parse_segment_name` reads a name back).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import tempfile
 
 import numpy as np
 
+from .drops import NREASONS, REASONS
 from .records import RECORD_DTYPE, RECORD_SIZE
 
 __all__ = [
@@ -39,24 +43,39 @@ DROPS_OFFSET = 64
 TABLE_OFFSET = 192
 SLOT_ENTRY = 32
 
-FREE, FILLING, SEALED = 0, 1, 2
+# The slot table, seen as u32 words (SLOT_U32 per slot) and as u64 words (SLOT_U64
+# per slot): entry ``slot`` holds its state at u32[slot * SLOT_U32 + T_STATE], ...
+SLOT_U32, SLOT_U64 = SLOT_ENTRY // 4, SLOT_ENTRY // 8
+T_STATE, T_COUNT, T_HEAP_USED = 0, 1, 2  # u32 words
+T_SEQ, T_OPENED = 2, 3  # u64 words
 
-DROP_REASONS = (
-    "backpressure",  # every slot was taken for longer than the backpressure timeout
-    "no_aggregator",  # the node aggregator never answered or went away
-    "after_shutdown",  # an API call after shutdown()
-    "encode",  # a value could not be encoded
-    "aggregator_write",  # the aggregator could not write the records (e.g. disk full)
-)
-NREASONS = 16
+FREE, FILLING, SEALED = 0, 1, 2
 
 
 def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def segment_prefix(run_id: str, node: str = "") -> str:
+    """The start of the segment names of this user's run ``run_id`` (on ``node``)."""
+    return f"provhpc-{os.getuid()}-{run_id}-" + (f"{node}-r" if node else "")
+
+
 def segment_name(run_id: str, node: str, rank: int, pid: int) -> str:
-    return f"provhpc-{os.getuid()}-{run_id}-{node}-r{rank}-p{pid}"
+    """The file name (in :func:`shm_dir`) of the segment of process ``pid`` of ``rank``."""
+    return f"{segment_prefix(run_id, node)}{rank}-p{pid}"
+
+
+def parse_segment_name(name: str, run_id: str) -> tuple[str, int, int] | None:
+    """``(node, rank, pid)`` of a segment name of this user's run ``run_id``, else None.
+
+    A node name may hold dashes, so a run whose id starts with ``run_id-`` parses
+    too; the caller tells them apart (see ``recover``)."""
+    m = re.match(rf"^{re.escape(segment_prefix(run_id))}(?P<node>.+)-r(?P<rank>\d+)"
+                 r"-p(?P<pid>\d+)$", name)
+    if m is None:
+        return None
+    return m.group("node"), int(m.group("rank")), int(m.group("pid"))
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -131,19 +150,16 @@ class Segment:
 
     # slot table accessors
     def state(self, slot: int) -> int:
-        return self.u32[slot * 8]
-
-    def set_state(self, slot: int, state: int) -> None:
-        self.u32[slot * 8] = state
+        return int(self.u32[slot * SLOT_U32 + T_STATE])
 
     def count(self, slot: int) -> int:
-        return self.u32[slot * 8 + 1]
+        return int(self.u32[slot * SLOT_U32 + T_COUNT])
 
     def heap_used(self, slot: int) -> int:
-        return self.u32[slot * 8 + 2]
+        return int(self.u32[slot * SLOT_U32 + T_HEAP_USED])
 
     def seq(self, slot: int) -> int:
-        return self.u64[slot * 4 + 2]
+        return int(self.u64[slot * SLOT_U64 + T_SEQ])
 
     def records(self, slot: int, count: int) -> np.ndarray:
         """A copy of the first ``count`` records of ``slot``."""
@@ -174,12 +190,13 @@ class Segment:
         off = self.layout.heap_offset(slot)
         return bytes(self.mm[off:off + min(used, self.layout.heap)])
 
-    def drop_counts(self) -> dict:
-        return {r: int(self.drops[i]) for i, r in enumerate(DROP_REASONS) if self.drops[i]}
+    def drop_counts(self) -> dict[str, int]:
+        """The non-zero drop counters of the segment, by reason name."""
+        return {r: int(self.drops[i]) for i, r in REASONS.items() if self.drops[i]}
 
-    def pending(self, after_seq: int):
+    def pending(self, after_seq: int) -> list[int]:
         """Slots holding records not yet taken (seq > after_seq), oldest first."""
-        out = []
+        out: list[tuple[int, int]] = []
         for s in range(self.layout.slots):
             if self.state(s) != FREE and self.seq(s) > after_seq:
                 out.append((self.seq(s), s))
@@ -197,3 +214,9 @@ class Segment:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+__all__ = ["MAGIC", "VERSION", "HEADER", "DROPS_OFFSET", "TABLE_OFFSET", "SLOT_ENTRY",
+           "SLOT_U32", "SLOT_U64", "T_STATE", "T_COUNT", "T_HEAP_USED", "T_SEQ", "T_OPENED",
+           "FREE", "FILLING", "SEALED", "shm_dir", "segment_prefix", "segment_name",
+           "parse_segment_name", "Layout", "Segment"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import struct
@@ -29,7 +28,9 @@ from ..format import netkey
 from ..format import protocol as P
 from ..format.partition import DISK_RESERVE, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
-from ..format.segment import DROP_REASONS, Segment, segment_name, shm_dir
+from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
+from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
+from ..format.strings import StringMap, valid_definition
 from . import telemetry as _telemetry
 
 __all__ = ["Aggregator", "MAX_FRAME", "Stream", "pid_alive", "run_process"]
@@ -48,7 +49,7 @@ class Stream:
         self.pid = int(hello["pid"])
         self.role = str(hello.get("role", "rank"))[:8]
         self.expected_seq = 1
-        self.smap = np.zeros(1024, "<u4")
+        self.smap = StringMap()
         self.records = 0
         self.salvaged = 0
         self.write_drops = 0  # records this aggregator could not write (aggregator_write)
@@ -74,7 +75,6 @@ class Aggregator:
         self._writer: PartitionWriter | None = None  # open() creates it
         self.ready = threading.Event()
         self.exit_status = 0
-        self._seg_prefix = f"provhpc-{os.getuid()}-{run_id}-"
         self._orphans: set[int] = set()
         self.gpus = _telemetry.GPUs()  # NVML, opened on first use
         self.telemetry: _telemetry.Sampler | None = None
@@ -448,29 +448,25 @@ class Aggregator:
         if is_str.any():
             for r in recs[is_str]:
                 off, length, sid = int(r["ival"]), int(r["step"]), int(r["id"])
-                if off < 0 or length < 0 or off + length > len(heap) or sid <= 0 or sid > 1 << 31:
+                if not valid_definition(sid, off, length, len(heap)):
                     self.writer.counters["malformed_frames"] += 1
                     continue
-                if sid >= len(s.smap):
-                    s.smap = np.concatenate([s.smap, np.zeros(max(sid + 1, 2 * len(s.smap)) -
-                                                              len(s.smap), "<u4")])
-                s.smap[sid] = self._intern(heap[off:off + length], int(r["flags"]))
-                self.writer.map_string(s.rank, s.pid, sid, int(s.smap[sid]))
+                gid = self._intern(heap[off:off + length], int(r["flags"]))
+                s.smap.define(sid, gid)
+                self.writer.map_string(s.rank, s.pid, sid, gid)
             recs = recs[~is_str]
         if not len(recs):
-            self.writer.note_batch(s.rank, s.pid, seq, self.writer._n, 0, flags)
+            self.writer.note_batch(s.rank, s.pid, seq, self.writer.nrecords, 0, flags)
             return
-        names, svals = recs["name"], recs["sval"]
-        if names.max(initial=0) >= len(s.smap) or svals.max(initial=0) >= len(s.smap):
+        # a string the stream never defined becomes the empty one: the record is kept
+        recs["name"], bad_names = s.smap.remap(recs["name"])
+        recs["sval"], bad_svals = s.smap.remap(recs["sval"])
+        if bad_names or bad_svals:
             self.writer.counters["malformed_frames"] += 1
-            keep = (names < len(s.smap)) & (svals < len(s.smap))
-            recs, names, svals = recs[keep], names[keep], svals[keep]
-        recs["name"] = s.smap[names]
-        recs["sval"] = s.smap[svals]
         recs["rank"] = s.rank  # the stream's rank, whatever the frame claims
         if flags:
             recs["flags"] |= flags
-        start = self.writer._n
+        start = self.writer.nrecords
         try:
             self.writer.append(recs)
             self.writer.note_batch(s.rank, s.pid, seq, start, len(recs), flags)
@@ -564,7 +560,7 @@ class Aggregator:
         self.write_lost += n
         self.writer.counters["dropped_records"] += n
         try:
-            self.writer.set_drops(s.rank, s.pid, {"aggregator_write": s.write_drops})
+            self.writer.set_drops(s.rank, s.pid, {REASONS[AGGREGATOR_WRITE]: s.write_drops})
         except (OSError, RuntimeError) as exc:
             log.error("cannot record the drops of rank %d: %s", s.rank, exc)
         if first:
@@ -621,17 +617,19 @@ class Aggregator:
     def _sweep_orphans(self) -> None:
         """Salvage segments of this run and node whose process died before its hello
         arrived (a forked worker that ended at once); their records are not lost."""
-        prefix = f"provhpc-{os.getuid()}-{self.run_id}-{self.node}-r"
+        prefix = segment_prefix(self.run_id, self.node)
         known = {s.pid for s in self.streams.values()} | self._orphans
         try:
             names = os.listdir(shm_dir())
         except OSError:
             return
         for name in names:
-            m = _ORPHAN_RE.match(name[len(prefix):]) if name.startswith(prefix) else None
-            if m is None or int(m.group(2)) in known or pid_alive(int(m.group(2))):
+            parsed = parse_segment_name(name, self.run_id) if name.startswith(prefix) else None
+            if parsed is None or parsed[0] != self.node:
                 continue
-            rank, pid = int(m.group(1)), int(m.group(2))
+            _node, rank, pid = parsed
+            if pid in known or pid_alive(pid):
+                continue
             self._orphans.add(pid)
             try:
                 seg = self._attach(os.path.join(shm_dir(), name), rank, pid)
@@ -684,7 +682,8 @@ class Aggregator:
         drops = {k: v for k, v in drops.items() if v}
         already = s.write_drops  # counted in dropped_records when they were lost
         if already:
-            drops["aggregator_write"] = drops.get("aggregator_write", 0) + already
+            reason = REASONS[AGGREGATOR_WRITE]
+            drops[reason] = drops.get(reason, 0) + already
         self.writer.upsert_rank((s.rank, s.pid), {
             "end": end, "status": status, "exit_code": exit_code, "records": s.records,
             "reported": reported, "dropped": sum(drops.values()), "salvaged": s.salvaged})
@@ -731,9 +730,6 @@ class _Remote:
         if key.startswith(self.PREFIX):
             key = key[len(self.PREFIX):]
         return self.sock.send_multipart([key, *frames[1:]], flags)
-
-
-_ORPHAN_RE = re.compile(r"^(\d+)-p(\d+)$")
 
 
 def _unused_path(path: str) -> str:

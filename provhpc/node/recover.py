@@ -27,7 +27,8 @@ import numpy as np
 
 from ..format import records as R
 from ..format.partition import PartitionWriter, open_partition
-from ..format.segment import FREE, Segment, shm_dir
+from ..format.segment import FREE, Segment, parse_segment_name, shm_dir
+from ..format.strings import StringMap, unknown_ids, valid_definition
 from .aggregator import pid_alive
 
 log = logging.getLogger("provhpc.recover")
@@ -102,16 +103,14 @@ def _partitions(run_dir: str, report: dict) -> list:
 
 
 def _leftover_segments(run_dir: str, run_id: str, nodes: set, force: bool, report: dict) -> list:
-    pat = re.compile(rf"^provhpc-{os.getuid()}-{re.escape(run_id)}-(?P<node>.+)"
-                     r"-r(?P<rank>\d+)-p(?P<pid>\d+)$")
     out_dir = os.path.dirname(run_dir)
     found = []
     d = shm_dir()
     for name in sorted(os.listdir(d)):
-        m = pat.match(name)
-        if not m:
+        parsed = parse_segment_name(name, run_id)
+        if parsed is None:
             continue
-        node, rank, pid = m.group("node"), int(m.group("rank")), int(m.group("pid"))
+        node, rank, pid = parsed
         if node not in nodes and _other_run(out_dir, run_id, node):
             continue  # a run whose id starts with ours (run "a" vs run "a-b")
         entry = {"path": os.path.join(d, name), "node": node, "rank": rank, "pid": pid}
@@ -161,7 +160,7 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
                      if k not in ("complete", "schema_version", "format", "closed_at")}
             w = PartitionWriter(tmp, attrs)
             state = _load(w, f)
-        entry["records_before"] = w._n
+        entry["records_before"] = w.nrecords
         entry["invalid_rows_removed"] = state.invalid_rows
         entry["was_complete"] = bool(attrs.get("complete_reason"))
     else:
@@ -170,9 +169,9 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
         state = _State()
     for seg in segs:
         _salvage_segment(w, state, seg, entry)
-    for key, row in list(w._rank_rows.items()):
-        status = w.ranks[row]["status"]
-        if status == b"running":
+    for key in w.rank_keys():
+        row = w.rank_row(key)
+        if row is not None and row["status"] == b"running":
             w.upsert_rank(key, {"status": "lost", "exit_code": -1})
     _recount(w)
     reason = "recovered by provhpc recover"
@@ -182,7 +181,7 @@ def _rebuild(src: str | None, path: str, run_id: str, node: str, segs: list,
     if src is not None and os.path.exists(src):
         os.replace(src, _unused(src + ".orig"))
     os.replace(tmp, path)
-    entry["records_after"] = w._n
+    entry["records_after"] = w.nrecords
     report["partitions"].append(entry)
 
 
@@ -196,7 +195,8 @@ def _recount(w: PartitionWriter) -> None:
         return
     ranks, per_rank = np.unique(rows["rank"], return_counts=True)
     single = set(ranks[per_rank == 1].tolist())
-    on_disk = [w.records.fields("rank")[lo:lo + _COPY_ROWS] for lo in range(0, w._n, _COPY_ROWS)]
+    on_disk = [w.records.fields("rank")[lo:lo + _COPY_ROWS]
+               for lo in range(0, w.nrecords, _COPY_ROWS)]
     held, counts = np.unique(np.concatenate(on_disk or [np.zeros(0, np.int32)]),
                              return_counts=True)
     count = dict(zip(held.tolist(), counts.tolist()))
@@ -209,30 +209,17 @@ def _recount(w: PartitionWriter) -> None:
 class _State:
     """What the file already holds: batch keys, the rows no batch covers, string maps."""
 
-    def __init__(self):
-        self.batches: set = set()
-        self.tail: set = set()
-        self.smaps: dict = {}
+    def __init__(self) -> None:
+        self.batches: set[tuple[int, int, int]] = set()
+        self.tail: set[bytes] = set()
+        self.smaps: dict[tuple[int, int], StringMap] = {}
         self.invalid_rows = 0
 
 
 def _load(w: PartitionWriter, f) -> _State:
     st = _State()
-    strings = f["strings"][:]
-    heap = f["string_heap"][:]
-    ok = strings["offset"] + strings["length"] <= len(heap)
-    strings[~ok] = (0, 0, 0)
-    w.strings.resize((len(strings),))
-    w.strings[:] = strings
-    w.heap.resize((len(heap),))
-    if len(heap):
-        w.heap[:] = heap
-    w._nstrings, w._heap_n = len(strings), len(heap)
-    hb = heap.tobytes()
-    w._string_ids = {}
-    for i, (off, length, _fl) in enumerate(strings):
-        w._string_ids.setdefault(hb[off:off + length], i)
-    w._string_ids[b""] = 0
+    w.adopt_strings(f["strings"][:], f["string_heap"][:])
+    nstrings = w.nstrings
     n = f["records"].shape[0]
     ranks = f["ranks"][:]
     out, removed = 0, []
@@ -241,25 +228,17 @@ def _load(w: PartitionWriter, f) -> _State:
         ok = valid_rows(chunk, ranks["rank"])
         removed.append(lo + np.flatnonzero(~ok))
         chunk = chunk[ok]
-        bad = (chunk["name"] >= len(strings)) | (chunk["sval"] >= len(strings))
+        bad = unknown_ids(chunk["name"], nstrings) | unknown_ids(chunk["sval"], nstrings)
         chunk["name"][bad] = 0  # a string the killed writer never flushed
         chunk["sval"][bad] = 0
-        w.records.resize((out + len(chunk),))
-        w.records[out:out + len(chunk)] = chunk
+        w.append(chunk)  # its counters are set from the file's below
         out += len(chunk)
     gone = np.concatenate(removed) if removed else np.zeros(0, np.int64)
     st.invalid_rows = len(gone)
-    w._n = out
     for row in ranks:
-        idx = w.ranks.shape[0]
-        w.ranks.resize((idx + 1,))
-        w.ranks[idx] = row
-        w._rank_rows[(int(row["rank"]), int(row["pid"]))] = idx
+        w.add_rank_row(row)
     for row in f["drops"][:]:
-        idx = w.drops.shape[0]
-        w.drops.resize((idx + 1,))
-        w.drops[idx] = row
-        w._drop_rows[(int(row["rank"]), int(row["pid"]), row["reason"].decode())] = idx
+        w.add_drop_row(row)
     for row in f["counters"][:]:
         name = row["name"].decode()
         if name in w.counters:
@@ -279,9 +258,12 @@ def _load(w: PartitionWriter, f) -> _State:
     if "string_map" in f:
         for m in f["string_map"][:]:
             key = (int(m["rank"]), int(m["pid"]))
-            if int(m["global"]) < len(strings):
-                st.smaps.setdefault(key, {})[int(m["local"])] = int(m["global"])
-                w.map_string(key[0], key[1], int(m["local"]), int(m["global"]))
+            local, gid = int(m["local"]), int(m["global"])
+            if gid < nstrings and valid_definition(local, 0, 0, 0):
+                if key not in st.smaps:
+                    st.smaps[key] = StringMap()
+                st.smaps[key].define(local, gid)
+                w.map_string(key[0], key[1], local, gid)
     # rows after the last batch the file knows of (a flush cut short): compare by content
     tail = f["records"][covered:n] if covered < n else np.zeros(0, R.RECORD_DTYPE)
     st.tail = {_content_key(r) for r in tail[valid_rows(tail, ranks["rank"])]}
@@ -314,16 +296,16 @@ def _salvage_segment(w: PartitionWriter, st: _State, seg: dict, entry: dict) -> 
             seg["action"] = "skipped: header does not match its name"
             return
         rank, pid = seg["rank"], seg["pid"]
-        smap = st.smaps.setdefault((rank, pid), {0: 0})
-        smap.setdefault(0, 0)
+        if (rank, pid) not in st.smaps:
+            st.smaps[(rank, pid)] = StringMap()
+        smap = st.smaps[(rank, pid)]
         got = dup = 0
         for slot in s.pending(0):
             seq = s.seq(slot)
             if s.state(slot) == FREE or (rank, pid, seq) in st.batches:
                 dup += 1 if (rank, pid, seq) in st.batches else 0
                 continue
-            committed = getattr(s, "committed", None)
-            recs = committed(slot) if committed else s.records(slot, s.count(slot))
+            recs = s.committed(slot)
             heap = s.heap(slot, s.heap_used(slot))
             n, d = _ingest(w, st, smap, rank, pid, seq, recs, heap)
             got += n
@@ -336,13 +318,14 @@ def _salvage_segment(w: PartitionWriter, st: _State, seg: dict, entry: dict) -> 
         s.close()
 
 
-def _ingest(w, st, smap, rank, pid, seq, recs, heap) -> tuple:
+def _ingest(w: PartitionWriter, st: _State, smap: StringMap, rank: int, pid: int, seq: int,
+            recs: np.ndarray, heap: bytes) -> tuple[int, int]:
     is_str = recs["kind"] == R.STRING
     for r in recs[is_str]:
         off, length, sid = int(r["ival"]), int(r["step"]), int(r["id"])
-        if 0 <= off and 0 <= length and off + length <= len(heap) and 0 < sid < 1 << 31:
+        if valid_definition(sid, off, length, len(heap)):
             gid = w.intern(heap[off:off + length], int(r["flags"]))
-            smap[sid] = gid
+            smap.define(sid, gid)
             w.map_string(rank, pid, sid, gid)
     recs = recs[~is_str & (recs["kind"] != 0)]
     if st.tail and len(recs):
@@ -351,11 +334,11 @@ def _ingest(w, st, smap, rank, pid, seq, recs, heap) -> tuple:
         recs = recs[keep]
     else:
         dup = 0
-    recs["name"] = [smap.get(int(i), 0) for i in recs["name"]]
-    recs["sval"] = [smap.get(int(i), 0) for i in recs["sval"]]
+    recs["name"] = smap.remap(recs["name"])[0]  # a string never defined becomes ""
+    recs["sval"] = smap.remap(recs["sval"])[0]
     recs["rank"] = rank
     recs["flags"] |= R.F_SALVAGED
-    start = w._n
+    start = w.nrecords
     w.append(recs)
     w.note_batch(rank, pid, seq, start, len(recs), R.F_SALVAGED)
     st.batches.add((rank, pid, seq))
@@ -363,9 +346,10 @@ def _ingest(w, st, smap, rank, pid, seq, recs, heap) -> tuple:
     return len(recs), dup
 
 
-def _account(w, rank, pid, node, got, drops) -> None:
+def _account(w: PartitionWriter, rank: int, pid: int, node: str, got: int,
+             drops: dict[str, int]) -> None:
     key = (rank, pid)
-    old = w.ranks[w._rank_rows[key]] if key in w._rank_rows else None
+    old = w.rank_row(key)
     row = {"records": (int(old["records"]) if old is not None else 0) + got,
            "salvaged": (int(old["salvaged"]) if old is not None else 0) + got}
     if old is None:
@@ -373,8 +357,7 @@ def _account(w, rank, pid, node, got, drops) -> None:
     if old is None or old["status"] == b"running":
         row.update(status="salvaged", exit_code=-1)
     if drops:
-        before = sum(int(w.drops[i]["count"]) for (r, p, _), i in w._drop_rows.items()
-                     if (r, p) == key)
+        before = sum(w.drop_counts(rank, pid).values())
         w.set_drops(rank, pid, drops)
         total = sum(drops.values())
         w.counters["dropped_records"] += max(0, total - before)
