@@ -34,7 +34,8 @@ def old_run(tmp_path):
     run = tmp_path / RUN_ID
     run.mkdir()
     shutil.copy(os.path.join(FIXTURE, "manifest.json"), run / "manifest.json")
-    with gzip.open(os.path.join(FIXTURE, "vm.h5.gz"), "rb") as src, open(run / "vm.h5", "wb") as dst:
+    src_path = os.path.join(FIXTURE, "vm.h5.gz")
+    with gzip.open(src_path, "rb") as src, open(run / "vm.h5", "wb") as dst:
         shutil.copyfileobj(src, dst)
     return str(run)
 

@@ -26,6 +26,7 @@ import zmq
 
 from ..format import netkey
 from ..format import protocol as P
+from ..format.drops import BACKPRESSURE, NO_AGGREGATOR
 from ..format.records import (
     ACTIVITY_END,
     ACTIVITY_START,
@@ -45,9 +46,21 @@ from ..format.records import (
     coerce,
     header,
 )
-from ..format.drops import BACKPRESSURE, NO_AGGREGATOR
-from ..format.segment import (FILLING, FREE, SEALED, SLOT_U32, SLOT_U64, T_COUNT, T_HEAP_USED,
-                              T_OPENED, T_SEQ, T_STATE, Segment, segment_name, shm_dir)
+from ..format.segment import (
+    FILLING,
+    FREE,
+    SEALED,
+    SLOT_U32,
+    SLOT_U64,
+    T_COUNT,
+    T_HEAP_USED,
+    T_OPENED,
+    T_SEQ,
+    T_STATE,
+    Segment,
+    segment_name,
+    shm_dir,
+)
 
 log = logging.getLogger("provhpc.agent")
 

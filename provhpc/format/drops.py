@@ -14,8 +14,9 @@ same names.  Every reason here is counted somewhere:
   not write the records (a full or read-only file system).
 
 Indexes 2 and 3 were named ``after_shutdown`` and ``encode`` (the
-``drop_reasons`` attribute of older partitions lists them), but nothing ever counted them (a call after shutdown records nothing,
-a value that cannot be encoded is kept as its type name, flag ``rejected``).
+``drop_reasons`` attribute of older partitions lists them), but nothing ever
+counted them (a call after shutdown records nothing, a value that cannot be
+encoded is kept as its type name, flag ``rejected``).
 They stay reserved so that a segment counter keeps its meaning.
 """
 

@@ -32,7 +32,7 @@ from .drops import NREASONS, REASONS
 from .records import RECORD_DTYPE, RECORD_SIZE
 
 __all__ = [
-    "DROPS_OFFSET", "DROP_REASONS", "HEADER", "Layout", "MAGIC", "NREASONS", "SLOT_ENTRY",
+    "DROPS_OFFSET", "HEADER", "Layout", "MAGIC", "NREASONS", "SLOT_ENTRY",
     "Segment", "TABLE_OFFSET", "VERSION", "segment_name", "shm_dir"
 ]
 

@@ -26,9 +26,9 @@ import zmq
 from .._version import __version__
 from ..format import netkey
 from ..format import protocol as P
+from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
 from ..format.partition import DISK_RESERVE, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
-from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
 from ..format.strings import StringMap, valid_definition
 from . import telemetry as _telemetry

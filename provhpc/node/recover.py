@@ -350,7 +350,7 @@ def _account(w: PartitionWriter, rank: int, pid: int, node: str, got: int,
              drops: dict[str, int]) -> None:
     key = (rank, pid)
     old = w.rank_row(key)
-    row = {"records": (int(old["records"]) if old is not None else 0) + got,
+    row: dict[str, object] = {"records": (int(old["records"]) if old is not None else 0) + got,
            "salvaged": (int(old["salvaged"]) if old is not None else 0) + got}
     if old is None:
         row.update(rank=rank, pid=pid, role="rank", node=node, local_rank=-1, reported=-1)
