@@ -195,7 +195,7 @@ def install_epoch_timer() -> None:
 def report(rank: int, variant: str, t_main: float) -> None:
     from provhpc.capture import api
 
-    agent = api._agent
+    agent = api.get_agent(start_child=False)
     doc = {"rank": rank, "variant": variant, "train_s": _state["train_s"], "main_s": t_main,
            "metric_points": _state["metric_calls"],
            "records": agent.records if agent is not None else _state["records"]}

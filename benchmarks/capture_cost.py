@@ -230,11 +230,11 @@ def start_provhpc(out: str):
 def with_capture_off(api, loop):
     """Run ``loop`` with the agent detached: the cost of the API when capture is off."""
     def run():
-        agent, api._agent = api._agent, None
+        agent = api.set_agent(None)
         try:
             return loop()
         finally:
-            api._agent = agent
+            api.set_agent(agent)
     return run
 
 

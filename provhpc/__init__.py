@@ -26,7 +26,7 @@ def flush(timeout=None) -> bool:
     """Hand every record captured so far to the aggregator and wait until it is on disk."""
     from .capture import api
 
-    agent = api._agent
+    agent = api.get_agent(start_child=False)
     return True if agent is None else agent.flush(timeout)
 
 

@@ -87,15 +87,14 @@ def capture(tmp_path, rank: int = 0, node: str = "testnode", run_id: str | None 
     agent = Agent(cfg, ident, run_id, endpoint, seg)
     if not agent.wait_ready(10):
         raise RuntimeError("provhpc.testing: the agent was not welcomed")
-    previous = api._agent
-    api._agent = agent
-    outer = api._current.set(0)  # no activity of an earlier capture is this one's parent
+    previous = api.set_agent(agent)
+    outer = api.CURRENT.set(0)  # no activity of an earlier capture is this one's parent
     cap.agent, cap.aggregator = agent, agg
     try:
         yield cap
     finally:
-        api._current.reset(outer)
-        api._agent = previous
+        api.CURRENT.reset(outer)
+        api.set_agent(previous)
         agent.end_open_activities()
         agent.shutdown()
         thread.join(15)

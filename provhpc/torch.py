@@ -144,12 +144,12 @@ class Watcher:
                  name: str = "model", every: int = 256):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"provhpc.torch: every must be a positive int, got {every!r}")
-        api._check_name(name, "model name")
+        api.check_name(name, "model name")
         self.model, self.optimizer, self.name, self.every = model, optimizer, name, every
         self.step = 0  # values logged (training steps)
         self.optimizer_steps = 0
         self.samples = 0
-        self.enabled = api._get_agent() is not None
+        self.enabled = api.get_agent() is not None
         self._pending: list = []  # (name, step, t, activity, value: float or tensor)
         self._sums: dict[str, list] = {}  # this epoch: name -> [sum, count]
         self._lr = None
@@ -191,7 +191,7 @@ class Watcher:
             if lr != self._lr:
                 self._lr = lr
                 self._pending.append(("lr", self.optimizer_steps, time.time_ns(),
-                                      api._current.get(), float(lr)))
+                                      api.CURRENT.get(), float(lr)))
 
     # --- per step
     def log(self, step: int | None = None, *, batch_size: int = 0, **values) -> None:
@@ -205,7 +205,7 @@ class Watcher:
         if step is None:
             step = self.step
         self.step = step + 1
-        t, aid = time.time_ns(), api._current.get()
+        t, aid = time.time_ns(), api.CURRENT.get()
         pending = self._pending
         for name, v in values.items():
             if v.__class__ is not float:
@@ -242,7 +242,7 @@ class Watcher:
                 read = torch.stack([values[i] for i in idx]).tolist()  # dtypes promote
                 for i, x in zip(idx, read):
                     values[i] = float(x)
-        agent = api._agent
+        agent = api.get_agent(start_child=False)
         if agent is None:
             return
         sums = self._sums

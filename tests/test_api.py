@@ -33,7 +33,7 @@ def attrs_of(cap, owner, role=None):
 
 
 def test_api_is_a_noop_without_an_agent():
-    assert api._agent is None
+    assert api.get_agent(start_child=False) is None
     with provhpc.task("t", x=1) as t:
         provhpc.metric("m", 1.0)
         t.generated(provhpc.data("x"), y=2)
@@ -196,7 +196,7 @@ def test_out_of_range_step_is_misuse_and_capture_goes_on(tmp_path):
             provhpc.metric("m", 1.0, step=2**70)
         with pytest.raises(ValueError, match="step"):
             provhpc.metric("fresh", 1.0, step=-(2**70))  # a new name: the locked path
-        assert cap.agent._busy is False
+        assert cap.agent.busy is False
         provhpc.metric("m", 2.0, step=2)
     m = cap.records("metric")
     m = m[np.array(names(cap, m)) == "m"]

@@ -110,10 +110,10 @@ def walk():
     for i in range(200):  # fills slots: some calls find no room and take the Python path
         with provhpc.task("preprocess", a=i, b=2.0, c="x", flag=True) as t:
             t.generated(y=i, z=2.0, label="x", ok=False)
-    agent, api._agent = api._agent, None  # capture off: no-ops
+    agent = api.set_agent(None)  # capture off: no-ops
     with provhpc.task("off", a=1) as t:
         t.generated(y=1)
-    api._agent = agent
+    api.set_agent(agent)
 
 with capture(sys.argv[1], run_id="fast-" + sys.argv[2], slot_records=64, slots=64,
              telemetry_interval=0):

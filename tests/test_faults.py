@@ -86,7 +86,9 @@ def test_rank_sigkill_loses_no_returned_record(seed, tmp_path, venv_bin, clean_e
         time.sleep(rng.uniform(0.05, 1.5))
         victims = rng.sample(range(NRANKS), rng.randint(1, NRANKS))
         for v in victims:
-            os.kill(pids[v], signal.SIGKILL)
+            # the launcher may already have taken this rank down after the first kill
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[v], signal.SIGKILL)
         proc.wait(60)  # the launcher takes the other ranks down
         rdir = run_dir(str(tmp_path / "prov"))
         wait_for(lambda: partitions_complete(rdir), 60, "the aggregator to close the partition")
@@ -100,7 +102,11 @@ def test_rank_without_goodbye_is_salvaged(tmp_path, venv_bin, clean_env):
     """A rank that ends with os._exit (no atexit, no goodbye): its records are salvaged."""
     env = job_env(clean_env, tmp_path)
     with _job(venv_bin, tmp_path, env, 2, 5000, "vanish") as proc:
-        assert proc.wait(60) == 0, output(proc)
+        rc = proc.wait(60)
+        # MPICH's Hydra SIGKILLs the ranks still alive once one exits without MPI_Finalize
+        # (measured: the rank whose os._exit comes second may be reported "EXIT CODE: 9");
+        # either way both ranks end without a goodbye, which is what this test is about
+        assert rc in (0, 9), output(proc)
         rdir = run_dir(str(tmp_path / "prov"))
         wait_for(lambda: partitions_complete(rdir), 30, "the partition to close")
         check_no_loss(rdir, {r: progress(tmp_path, r) for r in range(2)})

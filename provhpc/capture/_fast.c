@@ -7,11 +7,11 @@
  * that the caller takes the Python path:
  *   - not the agent's owner thread, or no room before ``fast_end`` (the slot is
  *     full, or a locked section closed the fast path);
- *   - a name, kind, key or string value not interned yet in ``agent._strings``;
+ *   - a name, kind, key or string value not interned yet in ``agent.strings``;
  *   - a value that needs the coercion rules (anything but float, int within
  *     int64, bool, interned str).
  * The GIL is held throughout, so no other Python thread sees a half-written
- * state: that is what the Python path's ``_busy`` flag guards against.
+ * state: that is what the Python path's ``busy`` flag guards against.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -91,7 +91,7 @@ static state_t *state_of(PyObject *agent) {
     /* _off and fast_end change all the time: read and written in the instance dict */
     if ((st.dict = PyObject_GenericGetDict(agent, NULL)) == NULL) goto fail;
     if (!PyDict_CheckExact(st.strings) || !PyDict_CheckExact(st.opened)) {
-        PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent._strings/open_activities");
+        PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.strings/open_activities");
         goto fail;
     }
     if (get_u64(agent, s_h_start, &st.h_start) < 0) goto fail;
@@ -900,8 +900,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
         return NULL;
     }
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
-    INTERN(s_owner, "_owner"); INTERN(s_fast_end, "fast_end"); INTERN(s_off, "_off");
-    INTERN(s_mm, "_mm"); INTERN(s_strings, "_strings"); INTERN(s_h_attr, "h_attr");
+    INTERN(s_owner, "owner"); INTERN(s_fast_end, "fast_end"); INTERN(s_off, "off");
+    INTERN(s_mm, "mm"); INTERN(s_strings, "strings"); INTERN(s_h_attr, "h_attr");
     INTERN(s_h_start, "h_start"); INTERN(s_h_end, "h_end"); INTERN(s_next_id, "next_id");
     INTERN(s_open_activities, "open_activities"); INTERN(s_name, "name");
     INTERN(s_kind, "kind"); INTERN(s_index, "index"); INTERN(s_params, "params");

@@ -80,7 +80,33 @@ _time_ns = time.time_ns
 
 
 class Agent:
-    """Capture for one process (a rank, or a forked worker of a rank)."""
+    """Capture for one process (a rank, or a forked worker of a rank).
+
+    The hot-path contract: ``capture/_fast.c`` and the Python fast paths of
+    ``capture/api.py`` reach the agent only through the public fields named in
+    ``HOT_PATH`` (``tests/test_layout.py`` holds the C source, api.py and
+    ``docs/architecture.md`` to this list):
+
+    ``owner``           the owner thread's id (None without a GIL: no fast path)
+    ``busy``            True while the owner writes without the lock
+    ``fast_end``        the fast path may write records while ``off`` < fast_end;
+                        0 while a locked section runs
+    ``off``             the byte offset of the next record in the segment
+    ``mm``              the segment's memory map
+    ``pack``            ``RECORD_HDR.pack_into`` (one 64-byte record)
+    ``strings``         the interned strings: text -> string id
+    ``h_metric``, ``h_start``, ``h_end``, ``h_entity``, ``h_relation``, ``h_attr``
+                        the record headers (kind, value type, rank); h_attr by value type
+    ``next_id``         the next activity or entity id (a callable)
+    ``open_activities`` the ids of the activities started and not ended
+
+    A fast path writes only at ``off`` below ``fast_end``, sets ``busy`` around
+    the write and advances ``off``; everything else goes through ``write``.
+    """
+
+    HOT_PATH = ("owner", "busy", "fast_end", "off", "mm", "pack", "strings", "h_metric",
+                "h_start", "h_end", "h_entity", "h_relation", "h_attr", "next_id",
+                "open_activities")
 
     def __init__(self, cfg, ident, run_id: str, endpoint: str, segment_path: str,
                  id_base: int = 0, role: str = "rank", ready_path: str = ""):
@@ -100,9 +126,9 @@ class Agent:
         self.max_string = min(cfg.max_string, heap)
         self.seg = Segment.create(segment_path, ident.rank, cfg.slots, cfg.slot_records, heap)
         lay = self.seg.layout
-        self._mm, self._layout = self.seg.mm, lay
+        self.mm, self._layout = self.seg.mm, lay
         self._u32, self._u64 = self.seg.u32, self.seg.u64
-        self._pack = RECORD_HDR.pack_into
+        self.pack = RECORD_HDR.pack_into
         self.h_metric = header(METRIC, V_FLOAT, 0, ident.rank)
         self.h_start = header(ACTIVITY_START, 0, 0, ident.rank)
         self.h_end = header(ACTIVITY_END, 0, 0, ident.rank)
@@ -114,18 +140,18 @@ class Agent:
         self._acquire, self._unlock = self._lock.acquire, self._lock.release
         self._slot_freed = threading.Condition(self._lock)
         self._free = deque(range(lay.slots))
-        self._slot, self._base, self._off, self._end = -1, 0, 0, 0
+        self._slot, self._base, self.off, self._end = -1, 0, 0, 0
         # The owner thread (the one that started the agent) writes without the lock
-        # while ``_off < fast_end``; every locked section first sets fast_end = 0 and
-        # waits for ``_busy`` (owner mid-write) to clear.  Safe under the GIL only.
-        self._owner = threading.get_ident() if _GIL else None
-        self._busy = False
+        # while ``off < fast_end``; every locked section first sets fast_end = 0 and
+        # waits for ``busy`` (owner mid-write) to clear.  Safe under the GIL only.
+        self.owner = threading.get_ident() if _GIL else None
+        self.busy = False
         self.fast_end = 0
         self._heap = 0
         self._opened = 0.0
         self._seq = 0
         self._starved = False
-        self._strings: dict[str, int] = {}
+        self.strings: dict[str, int] = {}
         self._next_sid = itertools.count(1).__next__
         self.next_id = itertools.count(id_base + 1).__next__
         self.records = 0  # in sealed slots, strings included
@@ -146,6 +172,11 @@ class Agent:
         self._thread = threading.Thread(target=self._io_main, name="provhpc-io", daemon=True)
         self._thread.start()
 
+    @property
+    def wakeup_fd(self) -> int:
+        """The write end of the I/O thread's wake-up pipe (for ``signal.set_wakeup_fd``)."""
+        return self._wake_w
+
     # ------------------------------------------------------------------ hot path
     # _sid/_put run between _enter() and _leave() (the lock, fast path closed);
     # the owner thread's fast paths are write_flat, write and api.metric.  A
@@ -153,16 +184,16 @@ class Agent:
     # There is no per-record count: a slot is zeroed before reuse, so a reader of
     # a dead rank's filling slot stops at the first record of kind 0.
     def _put(self, hdr, oid, ref, t, nid, sid, step, ival, fval) -> None:
-        off = self._off
+        off = self.off
         if off >= self._end:
             if not self._rotate():
                 raise Dropped
-            off = self._off
-        self._pack(self._mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
-        self._off = off + RECORD_SIZE
+            off = self.off
+        self.pack(self.mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
+        self.off = off + RECORD_SIZE
 
     def _sid(self, text) -> int:
-        sid = self._strings.get(text)
+        sid = self.strings.get(text)
         return sid if sid is not None else self._define(text)
 
     def emit(self, kind, vtype, flags, oid, ref, t, name, sval, step, ival, fval) -> bool:
@@ -177,13 +208,13 @@ class Agent:
         interned and the rows fit in the current slot; otherwise, and in other
         threads, under the lock.  False when the rows were dropped (counted).
         """
-        if _get_ident() == self._owner:
-            strings = self._strings
-            self._busy = True
+        if _get_ident() == self.owner:
+            strings = self.strings
+            self.busy = True
             try:
-                off = self._off
+                off = self.off
                 if off + len(rows) * RECORD_SIZE <= self.fast_end:
-                    pack, mm = self._pack, self._mm
+                    pack, mm = self.pack, self.mm
                     for i, (hdr, oid, ref, t, name, sval, step, ival, fval) in enumerate(rows):
                         nid = 0 if name is None else strings.get(name)
                         sid = 0 if sval is None else strings.get(sval)
@@ -192,11 +223,11 @@ class Agent:
                             break
                         pack(mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
                         off += RECORD_SIZE
-                        self._off = off
+                        self.off = off
                     else:
                         return True
             finally:
-                self._busy = False
+                self.busy = False
         self._enter()
         try:
             sid_of, put = self._sid, self._put
@@ -216,22 +247,22 @@ class Agent:
         One ``pack_into`` call for all rows (a cached n-record Struct).  False when
         this is not the owner thread or the rows do not fit: use ``write`` then.
         """
-        if _get_ident() != self._owner:
+        if _get_ident() != self.owner:
             return False
-        self._busy = True
+        self.busy = True
         try:
-            off = self._off
+            off = self.off
             end = off + n * RECORD_SIZE
             if end > self.fast_end:
                 return False
             pack = _PACKERS.get(n)
             if pack is None:
                 pack = _PACKERS[n] = struct.Struct("<" + RECORD_HDR.format[1:] * n).pack_into
-            pack(self._mm, off, *flat)
-            self._off = end
+            pack(self.mm, off, *flat)
+            self.off = end
             return True
         finally:
-            self._busy = False
+            self.busy = False
 
     def count_drop(self, n: int = 1) -> None:
         """Count records that found no slot: backpressure, or no aggregator at all."""
@@ -242,7 +273,7 @@ class Agent:
     def _enter(self) -> None:
         self._acquire()
         self.fast_end = 0
-        if self._busy:
+        if self.busy:
             self._await_owner()
 
     def _leave(self) -> None:
@@ -252,15 +283,15 @@ class Agent:
     def _reclaim(self) -> None:
         """After a condition wait (the lock was released): close the fast path again."""
         self.fast_end = 0
-        if self._busy:
+        if self.busy:
             self._await_owner()
 
     def _await_owner(self) -> None:
-        if _get_ident() == self._owner:
-            self._busy = False  # the owner itself: its fast path ended by an exception
+        if _get_ident() == self.owner:
+            self.busy = False  # the owner itself: its fast path ended by an exception
             return
         deadline = time.monotonic() + 1.0
-        while self._busy and time.monotonic() < deadline:
+        while self.busy and time.monotonic() < deadline:
             time.sleep(0)  # releases the GIL so the owner finishes its one write
 
     def encode(self, value):
@@ -286,23 +317,20 @@ class Agent:
         if len(data) > self.max_string:
             data = data[: self.max_string].decode("utf-8", "ignore").encode()
             flags = F_TRUNCATED
-        if self._off >= self._end or self._heap + len(data) > self._layout.heap:
+        if self.off >= self._end or self._heap + len(data) > self._layout.heap:
             if not self._rotate(len(data)):
                 raise Dropped
         sid = self._next_sid()
         start = self._layout.heap_offset(self._slot) + self._heap
-        self._mm[start:start + len(data)] = data
-        self._pack(self._mm, self._off, header(STRING, 0, flags, self.rank), sid, 0, 0, 0, 0,
+        self.mm[start:start + len(data)] = data
+        self.pack(self.mm, self.off, header(STRING, 0, flags, self.rank), sid, 0, 0, 0, 0,
                    len(data), self._heap, 0.0)
         self._heap += len(data)
-        self._off += RECORD_SIZE
+        self.off += RECORD_SIZE
         self._u32[self._slot * SLOT_U32 + T_HEAP_USED] = self._heap
-        self._strings[text] = sid
+        self.strings[text] = sid
         self.strings_defined += 1
         return sid
-
-    def _drop(self, reason: int, n: int = 1) -> None:
-        self.seg.drops[reason] += n
 
     # ------------------------------------------------------------------ slots
     def _rotate(self, heap_need: int = 0) -> bool:
@@ -317,7 +345,7 @@ class Agent:
         deadline = None
         while True:
             if self._slot >= 0:
-                if self._off < self._end and self._heap + heap_need <= self._layout.heap:
+                if self.off < self._end and self._heap + heap_need <= self._layout.heap:
                     return True
                 self._seal_locked()
             if self._free:
@@ -346,7 +374,7 @@ class Agent:
         self._u64[slot * SLOT_U64 + T_OPENED] = time.monotonic_ns()
         self._u32[base + T_STATE] = FILLING
         self._slot, self._heap = slot, 0
-        self._base = self._off = lay.records_offset(slot)
+        self._base = self.off = lay.records_offset(slot)
         self._end = self._base + lay.slot_records * RECORD_SIZE
         self._opened = time.monotonic()
 
@@ -359,16 +387,16 @@ class Agent:
             self._leave()
 
     def _has_data(self) -> bool:
-        return self._slot >= 0 and (self._off > self._base or self._heap > 0)
+        return self._slot >= 0 and (self.off > self._base or self._heap > 0)
 
     def _seal_locked(self) -> None:
         slot = self._slot
-        n = (self._off - self._base) // RECORD_SIZE
+        n = (self.off - self._base) // RECORD_SIZE
         self._u32[slot * SLOT_U32 + T_COUNT] = n
         self._u32[slot * SLOT_U32 + T_STATE] = SEALED
         self.records += n
         self._outbox.append((slot, self._seq, n, self._heap))
-        self._slot, self._base, self._off, self._end = -1, 0, 0, 0
+        self._slot, self._base, self.off, self._end = -1, 0, 0, 0
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
@@ -487,8 +515,8 @@ class Agent:
                 lay = self._layout
                 r0, h0 = lay.records_offset(slot), lay.heap_offset(slot)
                 sock.send_multipart([P.BATCH, P.BATCH_FMT.pack(slot, seq, n, heap),
-                                     bytes(self._mm[r0:r0 + n * RECORD_SIZE]),
-                                     bytes(self._mm[h0:h0 + heap])])
+                                     bytes(self.mm[r0:r0 + n * RECORD_SIZE]),
+                                     bytes(self.mm[h0:h0 + heap])])
             else:  # detached or failed: the slot stays sealed in the segment, which is
                 pass  # kept at exit; `provhpc recover` adds it to the node's partition
 
@@ -579,10 +607,6 @@ class Agent:
         # Keep the segment when the aggregator did not confirm: `provhpc recover` reads it.
         self.seg.close(unlink=self.farewell)
         return self.farewell
-
-    def abandon(self) -> None:
-        """In a forked child: forget the parent's agent without touching its segment."""
-        self._closing.set()
 
     @property
     def dropped(self) -> dict:

@@ -14,20 +14,22 @@ import functools
 import hashlib
 import os
 import struct
+import threading
 import time
 from typing import Any, Literal
 
 from ..format import records as R
-from .agent import _get_ident, start_worker_agent
+from .agent import start_worker_agent
 
 __all__ = [
-    "Activity", "Entity", "attribute", "current_activity", "data", "epoch", "file_hash",
-    "generated", "hyperparameters", "metric", "stage", "task", "used"
+    "CURRENT", "Activity", "Entity", "attribute", "check_name", "data", "epoch", "file_hash",
+    "generated", "get_agent", "hyperparameters", "metric", "set_agent", "stage", "task", "used"
 ]
 
 _agent = None  # the process's Agent, set by provhpc.init()
+_get_ident = threading.get_ident
 _fork_info = None  # in a forked child: what it needs to start its own agent lazily
-_current = contextvars.ContextVar("provhpc_activity", default=0)
+CURRENT = contextvars.ContextVar("provhpc_activity", default=0)  # the id of the current activity
 _time_ns = time.time_ns
 _NO_STEP = R.NO_STEP
 _METRIC, _V_FLOAT, _ATTRIBUTE = R.METRIC, R.V_FLOAT, R.ATTRIBUTE
@@ -42,14 +44,26 @@ except ImportError:  # not built (no compiler): the Python path below does the s
 _c_start, _c_values = (_fast.start, _fast.values) if _fast is not None else (None, None)
 
 
-def _get_agent():
+def get_agent(start_child: bool = True):
+    """This process's agent, or None when capture is off.
+
+    In a forked child of a rank the child's own agent is started on first use
+    (``start_child=False``: only look)."""
     agent = _agent
-    if agent is None and _fork_info is not None:
+    if agent is None and start_child and _fork_info is not None:
         agent = _start_child_agent()
     return agent
 
 
-def _check_name(name, what="name"):
+def set_agent(agent):
+    """Make ``agent`` (or None: capture off) this process's agent; returns the previous one."""
+    global _agent
+    previous, _agent = _agent, agent
+    return previous
+
+
+def check_name(name, what="name"):
+    """Raise ValueError unless ``name`` is a non-empty str (``what`` names it)."""
     if name.__class__ is not str or not name:
         raise ValueError(f"provhpc: {what} must be a non-empty string, got {name!r}")
 
@@ -84,7 +98,7 @@ def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list)
     False when a key or string is new or a value needs the coercion rules:
     the caller then takes the general path (``_value_rows`` + ``Agent.write``).
     """
-    strings, h = agent._strings, agent.h_attr
+    strings, h = agent.strings, agent.h_attr
     for key, value in values.items():
         kid = strings.get(key)
         if kid is None:
@@ -196,13 +210,13 @@ def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
     across runs by content.  For an existing file its size is recorded.
     """
     key = os.fspath(path_or_id) if isinstance(path_or_id, os.PathLike) else path_or_id
-    _check_name(key, "data identity")
-    _check_name(kind, "entity kind")
-    agent = _get_agent()
+    check_name(key, "data identity")
+    check_name(kind, "entity kind")
+    agent = get_agent()
     if agent is None:
         return Entity(key, kind, 0)
     eid = agent.next_id()
-    agent.emit(R.ENTITY, 0, 0, eid, _current.get(), _time_ns(), key, kind, _NO_STEP, 0, 0.0)
+    agent.emit(R.ENTITY, 0, 0, eid, CURRENT.get(), _time_ns(), key, kind, _NO_STEP, 0, 0.0)
     ent = Entity(key, kind, eid)
     extra: dict[str, Any] = {}
     if kind != "domain" and ("/" in key or "." in key):
@@ -224,12 +238,12 @@ def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
 def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> Entity:
     """A hyperparameter-set entity, used by the current activity."""
     values = {**(mapping or {}), **values}
-    agent = _get_agent()
+    agent = get_agent()
     if agent is None:
         return Entity(name, "hyperparameters", 0)
     ent = data(name, kind="hyperparameters")
     _write_values(agent, ent.id, values, ROLE_ATTRIBUTE)
-    _relate(agent, _current.get(), R.USED, ent.id)
+    _relate(agent, CURRENT.get(), R.USED, ent.id)
     return ent
 
 
@@ -240,32 +254,32 @@ def metric(name: str, value, step=None) -> None:
     if a is None:
         if _fork_info is None:
             return
-        a = _get_agent()
+        a = get_agent()
     if value.__class__ is not float:
         value = _metric_value(name, value)
     if step is None:
         step = _NO_STEP
     elif step.__class__ is not int:
         step = _metric_step(name, step)
-    act = _current.get()
+    act = CURRENT.get()
     t = _time_ns()
-    if _get_ident() == a._owner:  # the owner thread: no lock (see Agent.write)
-        nid = a._strings.get(name)
+    if _get_ident() == a.owner:  # the owner thread: no lock (see Agent.write)
+        nid = a.strings.get(name)
         if nid is not None:
-            a._busy = True
+            a.busy = True
             try:
-                off = a._off
+                off = a.off
                 if off < a.fast_end:
-                    a._pack(a._mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
-                    a._off = off + 64
+                    a.pack(a.mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
+                    a.off = off + 64
                     return
             except struct.error:
                 raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") \
                     from None
             finally:
-                a._busy = False
+                a.busy = False
         elif name.__class__ is not str or not name:
-            _check_name(name, "metric name")
+            check_name(name, "metric name")
     try:
         a.write([(a.h_metric, act, 0, t, name, None, step, 0, value)])
     except struct.error:
@@ -295,33 +309,29 @@ def _metric_step(name, step) -> int:
 
 def attribute(name: str, value) -> None:
     """A typed attribute of the current activity."""
-    agent = _get_agent()
+    agent = get_agent()
     if agent is not None:
-        _write_values(agent, _current.get(), {name: value}, ROLE_ATTRIBUTE)
+        _write_values(agent, CURRENT.get(), {name: value}, ROLE_ATTRIBUTE)
 
 
 def used(*entities) -> None:
     """The current activity used ``entities``."""
-    agent = _get_agent()
+    agent = get_agent()
     if agent is not None:
-        cur = _current.get()
+        cur = CURRENT.get()
         for e in entities:
             _relate(agent, cur, R.USED, _entity_id(e))
 
 
 def generated(*entities, **values) -> None:
     """The current activity generated ``entities`` and computed ``values``."""
-    agent = _get_agent()
+    agent = get_agent()
     if agent is not None:
-        cur = _current.get()
+        cur = CURRENT.get()
         for e in entities:
             _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, cur)
         if values:
             _write_values(agent, cur, values, ROLE_GENERATED)
-
-
-def current_activity() -> int:
-    return _current.get()
 
 
 # ---------------------------------------------------------------------- activities
@@ -364,7 +374,7 @@ class _ActivityBase:
 
 
 if _fast is not None:
-    _fast.bind(globals(), _current)
+    _fast.bind(globals(), CURRENT)
     # the C twin of the class above
     _ActivityBase = _fast.ActivityBase  # type: ignore[misc]  # noqa: F811
 
@@ -379,21 +389,21 @@ class Activity(_ActivityBase):
             raise ValueError(f"provhpc: {self.kind} {self.name!r} already started")
         agent = _agent
         if agent is None:
-            agent = _get_agent()
+            agent = get_agent()
             if agent is None:
                 self._token = False
                 return self
-        if _c_start is not None and _c_start(agent, self, _current, ROLE_PARAMETER):
+        if _c_start is not None and _c_start(agent, self, CURRENT, ROLE_PARAMETER):
             if self.inputs:
                 for e in self.inputs:
                     _relate(agent, self.id, R.USED, _entity_id(e))
-            self._token = _current.set(self.id)
+            self._token = CURRENT.set(self.id)
             return self
         aid = self.id = agent.next_id()
-        parent = self.parent = _current.get()
+        parent = self.parent = CURRENT.get()
         t = _time_ns()
         params = self.params
-        strings = agent._strings
+        strings = agent.strings
         nid, kid = strings.get(self.name), strings.get(self.kind)
         flat = [agent.h_start, aid, parent, t, nid, kid, self.index, 0, 0.0]
         if nid is None or kid is None or params and not _flat_values(
@@ -406,7 +416,7 @@ class Activity(_ActivityBase):
         if self.inputs:
             for e in self.inputs:
                 _relate(agent, aid, R.USED, _entity_id(e))
-        self._token = _current.set(aid)
+        self._token = CURRENT.set(aid)
         return self
 
     def end(self, status: str = "ok", error: BaseException | None = None) -> None:
@@ -417,9 +427,9 @@ class Activity(_ActivityBase):
         if token is False:
             return
         try:
-            _current.reset(token)
+            CURRENT.reset(token)
         except ValueError:  # ended in another context (thread): restore the parent there
-            _current.set(self.parent)
+            CURRENT.set(self.parent)
         agent = _agent
         if agent is None:
             return
@@ -475,7 +485,7 @@ class Activity(_ActivityBase):
     def metric(self, name: str, value, step=None) -> Activity:
         agent = _agent
         if agent is not None and self.id:
-            _check_name(name, "metric name")
+            check_name(name, "metric name")
             value = value if value.__class__ is float else _metric_value(name, value)
             agent.emit(_METRIC, _V_FLOAT, 0, self.id, 0, _time_ns(), name, None,
                        _NO_STEP if step is None else int(step), 0, value)
@@ -540,7 +550,7 @@ def _activity_factory(kind: str):
             return _decorate(fn, kind, fn.__qualname__, _NO_STEP, None)
         if name is None:
             name = kind
-        _check_name(name, f"{kind} name")
+        check_name(name, f"{kind} name")
         return Activity(kind, name, _NO_STEP, used, params or None)
     return make
 
@@ -555,7 +565,7 @@ def stage(kind="stage", used=None, **params) -> Activity:
     """A learning stage: curation, preparation, train, validate, evaluate or any name."""
     if callable(kind):
         return _decorate(kind, "stage", kind.__name__, _NO_STEP, None)
-    _check_name(kind, "stage")
+    check_name(kind, "stage")
     return Activity("stage", kind, _NO_STEP, used, params or None)
 
 

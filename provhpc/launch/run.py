@@ -75,7 +75,7 @@ def run(cmd: list[str], out=None) -> int:
         # A rank blocked in C (an MPI collective) never runs the handler above: the signal
         # also wakes the agent's I/O thread, which drains and exits if the program has not
         # unwound within agent.SIGTERM_GRACE, while the handler is still ours.
-        signal.set_wakeup_fd(s.agent._wake_w, warn_on_full_buffer=False)
+        signal.set_wakeup_fd(s.agent.wakeup_fd, warn_on_full_buffer=False)
         s.agent.sigterm_exit = lambda: signal.getsignal(signal.SIGTERM) is _on_sigterm
     error: BaseException | None = None
     status, code = "ok", 0

@@ -258,12 +258,12 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
                     cfg.startup_timeout)
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
     agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
-    api._agent = agent
+    api.set_agent(agent)
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
     _session.nodes = nodes
     if ident.rank == 0:
         _write_manifest(_session, meta, start=True)
-    api._current.set(0)  # the run is the root, whatever an earlier session left open
+    api.CURRENT.set(0)  # the run is the root, whatever an earlier session left open
     act = api.Activity("run", os.path.basename((argv or sys.argv or ["python"])[0]) or "run")
     _session.run_activity = act.start()
     act.attributes(rank=ident.rank, node=ident.node, host=ident.host, launcher=ident.launcher,
@@ -303,7 +303,7 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
         except ValueError:
             pass
     ok = agent.shutdown(status, exit_code)
-    api._agent = None
+    api.set_agent(None)
     if s.aggregator is not None:
         try:
             s.aggregator.wait(s.cfg.shutdown_timeout)
