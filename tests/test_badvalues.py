@@ -117,30 +117,6 @@ def test_metric_values(tmp_path):
     assert any(s.startswith("bad") and s.endswith("name") for s in strings)
 
 
-@pytest.mark.parametrize("call, key", [
-    (lambda: provhpc.metric("", 1.0), "metric name"),
-    (lambda: provhpc.metric(None, 1.0), "metric name"),
-    (lambda: provhpc.metric("m", "abc"), "'m'"),
-    (lambda: provhpc.metric("m", np.ones(3)), "'m'"),
-    (lambda: provhpc.metric("m", BadFloat()), "'m'"),
-    (lambda: provhpc.metric("m", 1.0, step=float("nan")), "'m'"),
-    (lambda: provhpc.metric("m", 1.0, step=2.0**70), "'m'"),
-    (lambda: provhpc.attribute("", 1), "attribute names"),
-    (lambda: provhpc.attribute(5, 1), "attribute names"),
-    (lambda: provhpc.hyperparameters({1: 2}), "got 1"),
-    (lambda: provhpc.task(""), "task name"),
-    (lambda: provhpc.task("t").end(), "'t' ended without a start"),
-    (lambda: provhpc.epoch(2**70), "outside int64"),
-    (lambda: provhpc.epoch("3"), "epoch index"),
-])
-def test_misuse_raises_value_error_naming_the_key(tmp_path, call, key):
-    with capture(tmp_path) as cap:
-        with pytest.raises(ValueError, match=key.replace("(", r"\(")):
-            call()
-        provhpc.metric("after", 1.0)  # capture goes on
-    assert _metrics(cap, "after") == [(R.NO_STEP, 1.0)]
-
-
 def test_deep_and_recursive_mappings(tmp_path):
     loop: dict = {"a": 1}
     loop["self"] = loop

@@ -41,9 +41,6 @@ from ..format.records import (
     STATUS_ERROR,
     STRING,
     V_FLOAT,
-    V_INT,
-    V_STR,
-    coerce,
     header,
 )
 from ..format.segment import (
@@ -293,18 +290,6 @@ class Agent:
         deadline = time.monotonic() + 1.0
         while self.busy and time.monotonic() < deadline:
             time.sleep(0)  # releases the GIL so the owner finishes its one write
-
-    def encode(self, value):
-        """(header, ival, fval, text) of an attribute value; outside the lock (repr may call us)."""
-        cls = value.__class__
-        if cls is float:
-            return self.h_attr[V_FLOAT], 0, value, None
-        if cls is str:
-            return self.h_attr[V_STR], 0, 0.0, value
-        if cls is int and -(2**63) <= value < 2**63:
-            return self.h_attr[V_INT], value, 0.0, None
-        vtype, ival, fval, text, flags = coerce(value, self.max_string)
-        return self.h_attr[vtype] | flags << 16, ival, fval, text
 
     def _define(self, text) -> int:
         """Intern ``text``: a STRING record plus its bytes in the slot heap (lock held)."""

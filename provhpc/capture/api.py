@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
+import operator
 import os
 import struct
 import threading
@@ -83,12 +84,15 @@ def _items(values: dict) -> list:
 
 
 def _value_rows(agent, owner: int, role: int, t: int, values: dict) -> list:
-    """Attribute rows for ``values`` (encoded here, outside any lock: repr may call us)."""
-    enc = agent.encode
+    """Attribute rows for ``values``, by the one set of coercion rules (``records.coerce``).
+
+    Encoded here, outside any lock: a value's ``repr`` may call provhpc.
+    """
+    h, max_string, coerce = agent.h_attr, agent.max_string, R.coerce
     rows = []
     for key, value in _items(values):
-        hdr, ival, fval, text = enc(value)
-        rows.append((hdr, owner, role, t, key, text, _NO_STEP, ival, fval))
+        vtype, ival, fval, text, flags = coerce(value, max_string)
+        rows.append((h[vtype] | flags << 16, owner, role, t, key, text, _NO_STEP, ival, fval))
     return rows
 
 
@@ -97,6 +101,8 @@ def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list)
 
     False when a key or string is new or a value needs the coercion rules:
     the caller then takes the general path (``_value_rows`` + ``Agent.write``).
+    The cases taken here (and in ``_fast.c``'s ``value_records``) are exactly the
+    first branches of ``records.coerce``: exact float, int within int64, bool, str.
     """
     strings, h = agent.strings, agent.h_attr
     for key, value in values.items():
@@ -145,6 +151,11 @@ def _entity_id(e) -> int:
         return data(e).id
     raise ValueError("provhpc: expected an entity from provhpc.data()/hyperparameters(), "
                      f"got {e!r}")
+
+
+def _input_ids(used) -> list:
+    """The entity ids of an activity's ``used=``: one entity or path, or a list or tuple."""
+    return [_entity_id(e) for e in (used if used.__class__ in (list, tuple) else (used,))]
 
 
 # ---------------------------------------------------------------------- entities
@@ -259,7 +270,7 @@ def metric(name: str, value, step=None) -> None:
         value = _metric_value(name, value)
     if step is None:
         step = _NO_STEP
-    elif step.__class__ is not int:
+    elif step.__class__ is not int or step == _NO_STEP:
         step = _metric_step(name, step)
     act = CURRENT.get()
     t = _time_ns()
@@ -297,13 +308,16 @@ def _metric_value(name, value) -> float:
 
 
 def _metric_step(name, step) -> int:
+    """A step is an integer (``operator.index``: int, numpy ints) within int64, -2**63 excluded
+    (it means "no step"); a float or a string is misuse (docs/reliability.md, "Bad values")."""
     try:
-        step = int(step)
+        step = operator.index(step)
     except Exception:
         raise ValueError(f"provhpc: metric {name!r}: step {type(step).__name__} is not an "
                          "integer") from None
     if not -(2**63) < step < 2**63:
-        raise ValueError(f"provhpc: metric {name!r}: step {step} is outside int64")
+        raise ValueError(f"provhpc: metric {name!r}: step {step} is outside int64 "
+                         "(-2**63 excluded: it means no step)")
     return step
 
 
@@ -393,10 +407,11 @@ class Activity(_ActivityBase):
             if agent is None:
                 self._token = False
                 return self
+        # the inputs first: a misused ``used=`` raises before anything of the activity is written
+        inputs = _input_ids(self.inputs) if self.inputs else ()
         if _c_start is not None and _c_start(agent, self, CURRENT, ROLE_PARAMETER):
-            if self.inputs:
-                for e in self.inputs:
-                    _relate(agent, self.id, R.USED, _entity_id(e))
+            for eid in inputs:
+                _relate(agent, self.id, R.USED, eid)
             self._token = CURRENT.set(self.id)
             return self
         aid = self.id = agent.next_id()
@@ -413,9 +428,8 @@ class Activity(_ActivityBase):
             agent.write([(agent.h_start, aid, parent, t, self.name, self.kind, self.index, 0,
                           0.0), *rows])
         agent.open_activities[aid] = None
-        if self.inputs:
-            for e in self.inputs:
-                _relate(agent, aid, R.USED, _entity_id(e))
+        for eid in inputs:
+            _relate(agent, aid, R.USED, eid)
         self._token = CURRENT.set(aid)
         return self
 
@@ -488,7 +502,7 @@ class Activity(_ActivityBase):
             check_name(name, "metric name")
             value = value if value.__class__ is float else _metric_value(name, value)
             agent.emit(_METRIC, _V_FLOAT, 0, self.id, 0, _time_ns(), name, None,
-                       _NO_STEP if step is None else int(step), 0, value)
+                       _NO_STEP if step is None else _metric_step(name, step), 0, value)
         return self
 
     # --- as a decorator: a fresh activity per call
