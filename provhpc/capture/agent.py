@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import zmq
 
@@ -66,7 +67,7 @@ HEARTBEAT_S = 1.0  # inline mode: seconds between heartbeats (the aggregator wai
 
 _GIL = getattr(sys, "_is_gil_enabled", lambda: True)()
 _get_ident = threading.get_ident
-_PACKERS: dict = {}  # n -> pack_into of n consecutive records
+_PACKERS: dict[int, Any] = {}  # n -> pack_into of n consecutive records
 SIGTERM_GRACE = 2.0  # seconds the program has to unwind after SIGTERM before the agent drains
 _SIGTERM_BYTE = bytes([signal.SIGTERM])
 
@@ -105,7 +106,7 @@ class Agent:
                 "h_start", "h_end", "h_entity", "h_relation", "h_attr", "next_id",
                 "open_activities")
 
-    def __init__(self, cfg, ident, run_id: str, endpoint: str, segment_path: str,
+    def __init__(self, cfg: Any, ident: Any, run_id: str, endpoint: str, segment_path: str,
                  id_base: int = 0, role: str = "rank", ready_path: str = ""):
         self.cfg, self.ident, self.run_id, self.role = cfg, ident, run_id, role
         self.ready_path = ready_path  # "<ready>.failed" there = the aggregator will not come
@@ -154,7 +155,7 @@ class Agent:
         self.records = 0  # in sealed slots, strings included
         self.strings_defined = 0
         self.open_activities: dict[int, None] = {}
-        self._outbox: deque = deque()
+        self._outbox: deque[tuple[int, int, int, int]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._closing = threading.Event()
@@ -180,7 +181,8 @@ class Agent:
     # record is complete in shared memory when the call that wrote it returns.
     # There is no per-record count: a slot is zeroed before reuse, so a reader of
     # a dead rank's filling slot stops at the first record of kind 0.
-    def _put(self, hdr, oid, ref, t, nid, sid, step, ival, fval) -> None:
+    def _put(self, hdr: int, oid: int, ref: int, t: int, nid: int, sid: int, step: int,
+             ival: int, fval: float) -> None:
         off = self.off
         if off >= self._end:
             if not self._rotate():
@@ -189,16 +191,17 @@ class Agent:
         self.pack(self.mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
         self.off = off + RECORD_SIZE
 
-    def _sid(self, text) -> int:
+    def _sid(self, text: str) -> int:
         sid = self.strings.get(text)
         return sid if sid is not None else self._define(text)
 
-    def emit(self, kind, vtype, flags, oid, ref, t, name, sval, step, ival, fval) -> bool:
+    def emit(self, kind: int, vtype: int, flags: int, oid: int, ref: int, t: int,
+             name: str | None, sval: str | None, step: int, ival: int, fval: float) -> bool:
         """Write one record; ``name`` and ``sval`` are strings (or None)."""
         return self.write([(header(kind, vtype, flags, self.rank), oid, ref, t, name, sval, step,
                             ival, fval)])
 
-    def write(self, rows) -> bool:
+    def write(self, rows: list[Any]) -> bool:
         """Write rows ``(hdr, id, ref, t, name, sval, step, ival, fval)``; strings as str/None.
 
         The owner thread writes without the lock when every string is already
@@ -238,7 +241,7 @@ class Agent:
             self._leave()
         return True
 
-    def write_flat(self, flat: list, n: int) -> bool:
+    def write_flat(self, flat: list[Any], n: int) -> bool:
         """Owner-thread fast path for ``n`` rows already resolved to ids, as one flat list.
 
         One ``pack_into`` call for all rows (a cached n-record Struct).  False when
@@ -291,7 +294,7 @@ class Agent:
         while self.busy and time.monotonic() < deadline:
             time.sleep(0)  # releases the GIL so the owner finishes its one write
 
-    def _define(self, text) -> int:
+    def _define(self, text: str) -> int:
         """Intern ``text``: a STRING record plus its bytes in the slot heap (lock held)."""
         if text.__class__ is not str:
             raise ValueError(f"provhpc: names and keys must be strings, got {text!r}")
@@ -431,14 +434,14 @@ class Agent:
             ctx.term()
             self._done.set()
 
-    def _hello(self) -> dict:
+    def _hello(self) -> dict[str, Any]:
         ident = self.ident
         return {"rank": ident.rank, "local_rank": ident.local_rank, "size": ident.size,
                 "pid": self.pid, "host": _socket.gethostname(), "node": ident.node,
                 "gpu": ident.gpu, "role": self.role, "segment": self.seg.path,
                 "start": time.time_ns(), "run_id": self.run_id}
 
-    def _io_loop(self, sock) -> None:
+    def _io_loop(self, sock: Any) -> None:
         sock.send_multipart([P.HELLO, P.dumps(self._hello())])
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -491,7 +494,7 @@ class Agent:
                 self._goodbye(sock, poller)
                 return
 
-    def _send_outbox(self, sock) -> None:
+    def _send_outbox(self, sock: Any) -> None:
         while self._outbox:
             slot, seq, n, heap = self._outbox.popleft()
             if self.mode == "shm":
@@ -505,7 +508,7 @@ class Agent:
             else:  # detached or failed: the slot stays sealed in the segment, which is
                 pass  # kept at exit; `provhpc recover` adds it to the node's partition
 
-    def _on_message(self, frames) -> None:
+    def _on_message(self, frames: list[Any]) -> None:
         kind = frames[0]
         if kind == P.ACK:
             slot, _seq = P.ACK_FMT.unpack(frames[1])
@@ -522,7 +525,7 @@ class Agent:
             log.warning("provhpc: aggregator reported: %s",
                         bytes(frames[1][:1000]).decode(errors="replace"))
 
-    def _terminate(self, sock, poller) -> None:
+    def _terminate(self, sock: Any, poller: Any) -> None:
         """SIGTERM, and the program did not unwind (blocked in C, e.g. an MPI collective):
         drain from this thread, say goodbye as 'terminated' and end the process (143)."""
         log.warning("provhpc: rank %d did not stop %.0fs after SIGTERM (blocked outside "
@@ -535,7 +538,7 @@ class Agent:
         self._goodbye(sock, poller, timeout=min(2.0, self.cfg.shutdown_timeout))
         os._exit(143)
 
-    def _goodbye(self, sock, poller, timeout: float | None = None) -> None:
+    def _goodbye(self, sock: Any, poller: Any, timeout: float | None = None) -> None:
         if self.mode not in ("shm", "inline"):
             return
         deadline = time.monotonic() + (self.cfg.shutdown_timeout if timeout is None else timeout)
@@ -594,14 +597,14 @@ class Agent:
         return self.farewell
 
     @property
-    def dropped(self) -> dict:
+    def dropped(self) -> dict[str, int]:
         return self.seg.drop_counts()
 
 
 __all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]
 
 
-def start_worker_agent(cfg, ident, run_id, endpoint):
+def start_worker_agent(cfg: Any, ident: Any, run_id: str, endpoint: str) -> Agent:
     """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
     pid = os.getpid()
     seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))

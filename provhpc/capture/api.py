@@ -20,7 +20,7 @@ import time
 from typing import Any, Literal
 
 from ..format import records as R
-from .agent import start_worker_agent
+from .agent import Agent, start_worker_agent
 
 __all__ = [
     "CURRENT", "Activity", "Entity", "attribute", "check_name", "data", "epoch", "file_hash",
@@ -45,7 +45,7 @@ except ImportError:  # not built (no compiler): the Python path below does the s
 _c_start, _c_values = (_fast.start, _fast.values) if _fast is not None else (None, None)
 
 
-def get_agent(start_child: bool = True):
+def get_agent(start_child: bool = True) -> Agent | None:
     """This process's agent, or None when capture is off.
 
     In a forked child of a rank the child's own agent is started on first use
@@ -56,23 +56,23 @@ def get_agent(start_child: bool = True):
     return agent
 
 
-def set_agent(agent):
+def set_agent(agent: Agent | None) -> Agent | None:
     """Make ``agent`` (or None: capture off) this process's agent; returns the previous one."""
     global _agent
     previous, _agent = _agent, agent
     return previous
 
 
-def check_name(name, what="name"):
+def check_name(name: Any, what: str = "name") -> None:
     """Raise ValueError unless ``name`` is a non-empty str (``what`` names it)."""
     if name.__class__ is not str or not name:
         raise ValueError(f"provhpc: {what} must be a non-empty string, got {name!r}")
 
 
 # ---------------------------------------------------------------------- values
-def _items(values: dict) -> list:
+def _items(values: dict[str, Any]) -> list[tuple[str, Any]]:
     """Encoded (key, value) pairs; nested mappings flattened to dotted keys."""
-    out = []
+    out: list[tuple[str, Any]] = []
     for key, value in values.items():
         if key.__class__ is not str or not key:
             raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
@@ -83,7 +83,7 @@ def _items(values: dict) -> list:
     return out
 
 
-def _value_rows(agent, owner: int, role: int, t: int, values: dict) -> list:
+def _value_rows(agent: Agent, owner: int, role: int, t: int, values: dict[str, Any]) -> list[Any]:
     """Attribute rows for ``values``, by the one set of coercion rules (``records.coerce``).
 
     Encoded here, outside any lock: a value's ``repr`` may call provhpc.
@@ -96,7 +96,8 @@ def _value_rows(agent, owner: int, role: int, t: int, values: dict) -> list:
     return rows
 
 
-def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list) -> bool:
+def _flat_values(agent: Agent, owner: int, role: int, t: int, values: dict[str, Any],
+                 flat: list[Any]) -> bool:
     """Append resolved rows of plain values (float, int, bool, interned str) to ``flat``.
 
     False when a key or string is new or a value needs the coercion rules:
@@ -126,11 +127,11 @@ def _flat_values(agent, owner: int, role: int, t: int, values: dict, flat: list)
     return True
 
 
-def _write_values(agent, owner: int, values: dict, role: int) -> None:
+def _write_values(agent: Agent, owner: int, values: dict[str, Any], role: int) -> None:
     if _c_values is not None and _c_values(agent, owner, role, values):
         return
     t = _time_ns()
-    flat: list = []
+    flat: list[Any] = []
     if _flat_values(agent, owner, role, t, values, flat) and \
             agent.write_flat(flat, len(flat) // 9):
         return
@@ -139,12 +140,12 @@ def _write_values(agent, owner: int, values: dict, role: int) -> None:
 
 
 
-def _relate(agent, subject: int, relation: str, obj: int) -> None:
+def _relate(agent: Agent, subject: int, relation: str, obj: int) -> None:
     if subject and obj:
         agent.emit(R.RELATION, 0, 0, subject, obj, _time_ns(), relation, None, _NO_STEP, 0, 0.0)
 
 
-def _entity_id(e) -> int:
+def _entity_id(e: Any) -> int:
     if isinstance(e, Entity):
         return e.id
     if isinstance(e, (str, os.PathLike)):
@@ -153,7 +154,7 @@ def _entity_id(e) -> int:
                      f"got {e!r}")
 
 
-def _input_ids(used) -> list:
+def _input_ids(used: Any) -> list[int]:
     """The entity ids of an activity's ``used=``: one entity or path, or a list or tuple."""
     return [_entity_id(e) for e in (used if used.__class__ in (list, tuple) else (used,))]
 
@@ -167,26 +168,26 @@ class Entity:
     def __init__(self, key: str, kind: str, eid: int):
         self.key, self.kind, self.id = key, kind, eid
 
-    def attribute(self, name: str, value) -> Entity:
+    def attribute(self, name: str, value: Any) -> Entity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
         return self
 
-    def attributes(self, **values) -> Entity:
+    def attributes(self, **values: Any) -> Entity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
         return self
 
-    def derived_from(self, *sources) -> Entity:
+    def derived_from(self, *sources: Any) -> Entity:
         agent = _agent
         if agent is not None:
             for src in sources:
                 _relate(agent, self.id, R.WAS_DERIVED_FROM, _entity_id(src))
         return self
 
-    def member(self, *members) -> Entity:
+    def member(self, *members: Any) -> Entity:
         """PROV hadMember: this entity (a collection) has ``members``."""
         agent = _agent
         if agent is not None:
@@ -198,7 +199,7 @@ class Entity:
         return f"<provhpc.Entity {self.kind} {self.key!r} id={self.id}>"
 
 
-def file_hash(path, limit: int | None = None) -> str:
+def file_hash(path: str | os.PathLike[str], limit: int | None = None) -> str:
     """BLAKE2b-128 of a file's content, read in 1 MiB blocks (``limit`` bytes at most)."""
     h = hashlib.blake2b(digest_size=16)
     left = limit if limit is not None else -1
@@ -212,8 +213,8 @@ def file_hash(path, limit: int | None = None) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
-         **attributes) -> Entity:
+def data(path_or_id: Any, *, kind: str = "data", derived_from: Any = (), hash: bool = False,
+         **attributes: Any) -> Entity:
     """A data entity (file, shard, model, checkpoint, domain object).
 
     ``path_or_id`` is its identity across ranks and runs; with ``hash=True`` a
@@ -246,7 +247,8 @@ def data(path_or_id, *, kind: str = "data", derived_from=(), hash: bool = False,
     return ent
 
 
-def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> Entity:
+def hyperparameters(mapping: dict[str, Any] | None = None, name: str = "hyperparameters",
+                    **values: Any) -> Entity:
     """A hyperparameter-set entity, used by the current activity."""
     values = {**(mapping or {}), **values}
     agent = get_agent()
@@ -259,13 +261,15 @@ def hyperparameters(mapping=None, name: str = "hyperparameters", **values) -> En
 
 
 # ---------------------------------------------------------------------- point records
-def metric(name: str, value, step=None) -> None:
+def metric(name: str, value: Any, step: Any = None) -> None:
     """One point of a metric series, attached to the current activity."""
     a = _agent
     if a is None:
         if _fork_info is None:
             return
         a = get_agent()
+        if a is None:
+            return
     if value.__class__ is not float:
         value = _metric_value(name, value)
     if step is None:
@@ -297,7 +301,7 @@ def metric(name: str, value, step=None) -> None:
         raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") from None
 
 
-def _metric_value(name, value) -> float:
+def _metric_value(name: Any, value: Any) -> float:
     try:
         return float(value)
     except OverflowError:  # an int beyond the float range: its signed infinity
@@ -307,28 +311,28 @@ def _metric_value(name, value) -> float:
             from None
 
 
-def _metric_step(name, step) -> int:
+def _metric_step(name: Any, step: Any) -> int:
     """A step is an integer (``operator.index``: int, numpy ints) within int64, -2**63 excluded
     (it means "no step"); a float or a string is misuse (docs/reliability.md, "Bad values")."""
     try:
-        step = operator.index(step)
+        index: int = operator.index(step)
     except Exception:
         raise ValueError(f"provhpc: metric {name!r}: step {type(step).__name__} is not an "
                          "integer") from None
-    if not -(2**63) < step < 2**63:
-        raise ValueError(f"provhpc: metric {name!r}: step {step} is outside int64 "
+    if not -(2**63) < index < 2**63:
+        raise ValueError(f"provhpc: metric {name!r}: step {index} is outside int64 "
                          "(-2**63 excluded: it means no step)")
-    return step
+    return index
 
 
-def attribute(name: str, value) -> None:
+def attribute(name: str, value: Any) -> None:
     """A typed attribute of the current activity."""
     agent = get_agent()
     if agent is not None:
         _write_values(agent, CURRENT.get(), {name: value}, ROLE_ATTRIBUTE)
 
 
-def used(*entities) -> None:
+def used(*entities: Any) -> None:
     """The current activity used ``entities``."""
     agent = get_agent()
     if agent is not None:
@@ -337,7 +341,7 @@ def used(*entities) -> None:
             _relate(agent, cur, R.USED, _entity_id(e))
 
 
-def generated(*entities, **values) -> None:
+def generated(*entities: Any, **values: Any) -> None:
     """The current activity generated ``entities`` and computed ``values``."""
     agent = get_agent()
     if agent is not None:
@@ -355,7 +359,8 @@ class _ActivityBase:
 
     __slots__ = ("kind", "name", "index", "params", "inputs", "id", "parent", "_token")
 
-    def __init__(self, kind: str, name: str, index: int = _NO_STEP, used=None, params=None):
+    def __init__(self, kind: str, name: str, index: int = _NO_STEP, used: Any = None,
+                 params: dict[str, Any] | None = None):
         self.kind, self.name, self.index = kind, name, index
         self.inputs, self.params = used, params
         self.id = 0
@@ -370,20 +375,20 @@ class _ActivityBase:
     def end(self, status: str = "ok", error: BaseException | None = None) -> None:
         raise NotImplementedError
 
-    def _generated(self, *entities, **values) -> Activity:
+    def _generated(self, *entities: Any, **values: Any) -> Activity:
         raise NotImplementedError
 
     def __enter__(self) -> Activity:
         return self.start()
 
-    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         if exc_type is None:
             self.end()
         else:
             self.end("error", exc)
         return False
 
-    def generated(self, *entities, **values) -> Activity:
+    def generated(self, *entities: Any, **values: Any) -> Activity:
         return self._generated(*entities, **values)
 
 
@@ -461,7 +466,7 @@ class Activity(_ActivityBase):
             agent.write([(agent.h_end, self.id, 0, t, None, etype, _NO_STEP, code, 0.0)])
 
     # --- inside the activity
-    def _generated(self, *entities, **values) -> Activity:
+    def _generated(self, *entities: Any, **values: Any) -> Activity:
         """``generated()`` of the base: entities as wasGeneratedBy, values as attributes."""
         agent = _agent
         if agent is not None and self.id:
@@ -471,7 +476,7 @@ class Activity(_ActivityBase):
                 _write_values(agent, self.id, values, ROLE_GENERATED)
         return self
 
-    def used(self, *entities) -> Activity:
+    def used(self, *entities: Any) -> Activity:
         agent = _agent
         if agent is not None and self.id:
             for e in entities:
@@ -484,19 +489,19 @@ class Activity(_ActivityBase):
             _relate(agent, self.id, R.WAS_INFORMED_BY, other.id)
         return self
 
-    def attribute(self, name: str, value) -> Activity:
+    def attribute(self, name: str, value: Any) -> Activity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
         return self
 
-    def attributes(self, **values) -> Activity:
+    def attributes(self, **values: Any) -> Activity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
         return self
 
-    def metric(self, name: str, value, step=None) -> Activity:
+    def metric(self, name: str, value: Any, step: Any = None) -> Activity:
         agent = _agent
         if agent is not None and self.id:
             check_name(name, "metric name")
@@ -506,13 +511,14 @@ class Activity(_ActivityBase):
         return self
 
     # --- as a decorator: a fresh activity per call
-    def __call__(self, fn):
+    def __call__(self, fn: Any) -> Any:
         if not callable(fn):
             raise ValueError(f"provhpc: {self.kind} decorator needs a callable, got {fn!r}")
         return _decorate(fn, self.kind, self.name, self.index, self.inputs)
 
 
-def _decorate(fn, kind, name, index, inputs, record_args=True):
+def _decorate(fn: Any, kind: str, name: str, index: int, inputs: Any,
+              record_args: bool = True) -> Any:
     code = getattr(fn, "__code__", None)
     argnames = code.co_varnames[:code.co_argcount] if code is not None else ()
     if _fast is not None:  # the same wrapper in C (provhpc/_fast.c: Decorated)
@@ -522,7 +528,7 @@ def _decorate(fn, kind, name, index, inputs, record_args=True):
     counter = [0]
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _agent is None and _fork_info is None:
             return fn(*args, **kwargs)
         params = None
@@ -542,7 +548,7 @@ def _decorate(fn, kind, name, index, inputs, record_args=True):
     return wrapper
 
 
-def _record_return(act: Activity, result) -> None:
+def _record_return(act: Activity, result: Any) -> None:
     if result is None or not act.id:
         return
     if isinstance(result, Entity):
@@ -555,8 +561,8 @@ def _record_return(act: Activity, result) -> None:
         act.generated(**{"return": result})
 
 
-def _activity_factory(kind: str):
-    def make(name=None, used=None, **params):
+def _activity_factory(kind: str) -> Any:
+    def make(name: Any = None, used: Any = None, **params: Any) -> Any:
         if name.__class__ is str and name:  # the common case first: task("name", ...)
             return Activity(kind, name, _NO_STEP, used, params or None)
         if callable(name) and used is None and not params:  # bare @provhpc.task
@@ -575,7 +581,7 @@ if _fast is not None:  # task("name", ...) built in C; everything else through m
     task = _fast.factory(Activity, "task", task, task.__doc__)
 
 
-def stage(kind="stage", used=None, **params) -> Activity:
+def stage(kind: Any = "stage", used: Any = None, **params: Any) -> Any:
     """A learning stage: curation, preparation, train, validate, evaluate or any name."""
     if callable(kind):
         return _decorate(kind, "stage", kind.__name__, _NO_STEP, None)
@@ -583,7 +589,7 @@ def stage(kind="stage", used=None, **params) -> Activity:
     return Activity("stage", kind, _NO_STEP, used, params or None)
 
 
-def epoch(i=None, used=None, **params) -> Activity:
+def epoch(i: Any = None, used: Any = None, **params: Any) -> Any:
     """Epoch ``i`` (an int).  As a bare decorator the index counts the calls from 0."""
     if callable(i):
         return _decorate(i, "epoch", "epoch", _NO_STEP, None, record_args=False)
@@ -606,9 +612,10 @@ def _after_fork_in_child() -> None:
         _agent = None
 
 
-def _start_child_agent():
+def _start_child_agent() -> Agent:
     global _agent, _fork_info
     info, _fork_info = _fork_info, None
+    assert info is not None  # only called while a forked child has no agent yet
     _agent = start_worker_agent(*info)
     return _agent
 

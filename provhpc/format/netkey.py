@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import zmq
 from zmq.utils import z85
@@ -87,7 +88,7 @@ def keygen(path: str) -> None:
         os.close(fd)
 
 
-def setup_client(sock, path: str) -> None:
+def setup_client(sock: Any, path: str) -> None:
     """A DEALER that authenticates with the shared key (set before ``connect``)."""
     public, secret = keypair(path)
     sock.curve_secretkey = secret
@@ -95,7 +96,7 @@ def setup_client(sock, path: str) -> None:
     sock.curve_serverkey = public
 
 
-def setup_server(sock, public: bytes, secret: bytes) -> None:
+def setup_server(sock: Any, public: bytes, secret: bytes) -> None:
     """A ROUTER that is a CURVE server checked by the ZAP handler (set before ``bind``)."""
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -108,7 +109,7 @@ def setup_server(sock, public: bytes, secret: bytes) -> None:
             pass
 
 
-def zap_reply(frames, allowed: bytes) -> list:
+def zap_reply(frames: list[Any], allowed: bytes) -> list[bytes]:
     """The ZAP (RFC 27) answer to one request: 200 for the shared public key only."""
     version, request_id = frames[0], frames[1] if len(frames) > 1 else b""
     ok = (len(frames) >= 7 and version == b"1.0" and frames[2] == ZAP_DOMAIN

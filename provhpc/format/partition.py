@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 import h5py
 import numpy as np
@@ -47,7 +48,7 @@ RECORD_CHUNK = 16384
 DISK_RESERVE = 256 << 10  # bytes kept free for the rank table, counters and the close
 
 
-def _compression(name: str) -> dict:
+def _compression(name: str) -> dict[str, Any]:
     if name == "lzf":
         return {"compression": "lzf", "shuffle": True}
     if name == "gzip":
@@ -58,7 +59,7 @@ def _compression(name: str) -> dict:
 class PartitionWriter:
     """Appends record batches, strings and rank rows to one partition file."""
 
-    def __init__(self, path: str, attrs: dict, compression: str = "none"):
+    def __init__(self, path: str, attrs: dict[str, Any], compression: str = "none"):
         self.path = path
         self.tmp_path = path
         self.f = f = h5py.File(path, "w", libver=LIBVER)
@@ -86,9 +87,9 @@ class PartitionWriter:
                                         chunks=(1024,))
         self.string_map = f.create_dataset("string_map", (0,), maxshape=(None,),
                                            dtype=SMAP_DTYPE, chunks=(4096,))
-        self._pending_batches: list = []
+        self._pending_batches: list[Any] = []
         self.failed: str | None = None
-        self._pending_smap: list = []
+        self._pending_smap: list[Any] = []
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.swmr = compression == "none"
         if self.swmr:
@@ -97,8 +98,8 @@ class PartitionWriter:
         self._heap_n = 0
         self._nstrings = 1  # id 0 is the empty string
         self._string_ids: dict[bytes, int] = {b"": 0}
-        self._rank_rows: dict[tuple, int] = {}
-        self._drop_rows: dict[tuple, int] = {}
+        self._rank_rows: dict[tuple[Any, ...], int] = {}
+        self._drop_rows: dict[tuple[Any, ...], int] = {}
 
     # -- strings
     def intern(self, data: bytes, flags: int = 0) -> int:
@@ -189,13 +190,13 @@ class PartitionWriter:
         self.counters["batches"] += 1
         self.counters["bytes"] += recs.nbytes
 
-    def mark(self) -> tuple:
+    def mark(self) -> tuple[Any, ...]:
         """The extents of the appended tables, taken after a successful flush."""
         return (self._n, self._heap_n, self._nstrings, self.batches.shape[0],
                 self.string_map.shape[0],
                 {k: self.counters[k] for k in ("records", "batches", "bytes", "strings")})
 
-    def rollback(self, mark: tuple) -> None:
+    def rollback(self, mark: tuple[Any, ...]) -> None:
         """Forget the records, strings and batch notes appended after ``mark`` (a flush
         that failed): the extents shrink back, so no row that never reached the disk is
         left in the file.  Rank, drop and counter rows are kept (updated in place)."""
@@ -211,7 +212,7 @@ class PartitionWriter:
         self.counters.update(counts)
 
     # -- rank table and drops (updated in place: SWMR allows no new objects)
-    def upsert_rank(self, key: tuple, row: dict) -> None:
+    def upsert_rank(self, key: tuple[Any, ...], row: dict[str, Any]) -> None:
         idx = self._rank_rows.get(key)
         if idx is None:
             idx = self._rank_rows[key] = self.ranks.shape[0]
@@ -250,7 +251,7 @@ class PartitionWriter:
         return {reason: int(self.drops[i]["count"])
                 for (r, p, reason), i in self._drop_rows.items() if (r, p) == (rank, pid)}
 
-    def set_drops(self, rank: int, pid: int, drops: dict) -> None:
+    def set_drops(self, rank: int, pid: int, drops: dict[str, int]) -> None:
         for reason, count in drops.items():
             key = (rank, pid, reason)
             idx = self._drop_rows.get(key)
@@ -284,7 +285,7 @@ class PartitionWriter:
             self.counters_ds[:] = rows
         self.f.flush()
 
-    def close(self, attrs: dict | None = None, complete: bool = True) -> None:
+    def close(self, attrs: dict[str, Any] | None = None, complete: bool = True) -> None:
         """Flush, close, then mark complete (attributes cannot change under SWMR)."""
         self.flush()
         self.f.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 __all__ = [
     "ACK", "ACK_FMT", "BATCH", "BATCH_FMT", "FAREWELL", "GOODBYE", "HEARTBEAT", "HELLO", "NACK",
@@ -29,11 +30,11 @@ BATCH_FMT = struct.Struct("<IQII")  # slot, seq, count, heap_used
 ACK_FMT = struct.Struct("<IQ")  # slot, seq
 
 
-def dumps(obj) -> bytes:
+def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def loads(data: bytes):
+def loads(data: bytes) -> dict[str, Any]:
     obj = json.loads(bytes(data).decode())
     if not isinstance(obj, dict):
         raise ValueError("control payload is not a JSON object")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ NO_STEP = -(2**63)  # ``step`` of records that have none
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
-def coerce(value, max_string: int):
+def coerce(value: Any, max_string: int) -> tuple[int, int, float, str | None, int]:
     """Map an arbitrary Python value to ``(vtype, ival, fval, text, flags)``.
 
     The rules (docs/format.md, "Values"):
@@ -125,7 +126,7 @@ def coerce(value, max_string: int):
     return _coerce_other(value, max_string)
 
 
-def _coerce_other(value, max_string):
+def _coerce_other(value: Any, max_string: int) -> tuple[int, int, float, str | None, int]:
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
         vtype, ival, fval, text, flags = coerce(value.item(), max_string)
         return vtype, ival, fval, text, flags
@@ -149,9 +150,9 @@ def _coerce_other(value, max_string):
         return V_STR, 0, 0.0, f"<{type(value).__name__}>", F_REJECTED
 
 
-def flatten(mapping, prefix: str = "", depth: int = 8):
+def flatten(mapping: Any, prefix: str = "", depth: int = 8) -> dict[str, Any]:
     """Flatten nested mappings into dotted keys; deeper levels become strings."""
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in mapping.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and depth > 0:
@@ -161,5 +162,5 @@ def flatten(mapping, prefix: str = "", depth: int = 8):
     return out
 
 
-def is_finite_number(x) -> bool:
+def is_finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)

@@ -142,11 +142,11 @@ class Segment:
 
     @property
     def rank(self) -> int:
-        return HEADER.unpack_from(self.mm, 0)[2]
+        return int(HEADER.unpack_from(self.mm, 0)[2])
 
     @property
     def pid(self) -> int:
-        return HEADER.unpack_from(self.mm, 0)[3]
+        return int(HEADER.unpack_from(self.mm, 0)[3])
 
     # slot table accessors
     def state(self, slot: int) -> int:
