@@ -110,9 +110,22 @@ def test_live_job_is_owner_only_and_listens_on_no_port(tmp_path, venv_bin, clean
         # aggregator (no MPI) must have none
         for pid in agg:
             assert not (_socket_inodes(pid) & listening), f"pid {pid} listens on a port"
+            # the run's metadata (training argv, cwd, git, packages) is not on its command
+            # line, which every user can read in /proc
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().decode()
+            assert "prog.py" not in cmdline and '"cwd"' not in cmdline, cmdline
     finally:
         (snap / "go").write_text("")
         proc.wait(60)
+    # every file the run left is owner-only, the aggregator's log included; the metadata
+    # hand-over file is gone and so is the run's runtime directory
+    files = list(run_dir.iterdir())
+    assert any(p.name.endswith(".aggregator.log") for p in files)
+    for p in files:
+        assert _mode(p) & 0o077 == 0, (p, oct(_mode(p)))
+    assert not glob.glob(str(tmp_path / "rt" / "**" / "*.meta.json"), recursive=True)
+    assert not os.path.exists(tmp_path / "rt" / f"provhpc-{os.getuid()}" / run_id)
     # no secret from the environment in any output file
     for path in glob.glob(str(run_dir / "*")):
         with open(path, "rb") as fh:

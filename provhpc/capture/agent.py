@@ -556,8 +556,9 @@ class Agent:
                 self._on_message(sock.recv_multipart())
         if not self.farewell:
             log.warning("provhpc: rank %d: no farewell from the aggregator within %.1fs; "
-                        "segment %s kept for `provhpc recover`", self.rank,
-                        self.cfg.shutdown_timeout, self.seg.path)
+                        "segment %s kept for `provhpc recover %s`", self.rank,
+                        self.cfg.shutdown_timeout, self.seg.path,
+                        os.path.join(os.path.abspath(self.cfg.out), self.run_id))
 
     # ------------------------------------------------------------------ lifecycle
     def end_open_activities(self, keep: int = 0) -> None:

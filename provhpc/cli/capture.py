@@ -4,6 +4,7 @@ foreground), ``keygen`` (the CURVE secret of the network transport)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -39,7 +40,13 @@ def _cmd_aggregate(args) -> int:
     endpoint, ready = args.endpoint, args.ready
     if not endpoint or not ready:
         endpoint, ready = session.rendezvous(cfg, run_id, node)
-    meta = json.loads(args.meta) if args.meta else session.run_meta(ident, cfg)
+    if args.meta_file:  # written owner-only by the spawning leader; read once, then removed
+        with open(args.meta_file) as fh:
+            meta = json.load(fh)
+        with contextlib.suppress(OSError):
+            os.unlink(args.meta_file)
+    else:
+        meta = session.run_meta(ident, cfg)
     agg = Aggregator(cfg, run_id, node, os.path.abspath(cfg.out), endpoint, ready,
                      expect=args.expect, linger=args.linger, meta=meta)
     return run_process(agg)
@@ -59,7 +66,7 @@ def _add_aggregate(sub):
                    help="with --expect 0: seconds without ranks before closing")
     p.add_argument("--endpoint", help=argparse.SUPPRESS)
     p.add_argument("--ready", help=argparse.SUPPRESS)
-    p.add_argument("--meta", help=argparse.SUPPRESS)
+    p.add_argument("--meta-file", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_aggregate)
 
 

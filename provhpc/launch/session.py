@@ -49,6 +49,7 @@ class Session:
         self.agent, self.aggregator, self.comm = agent, aggregator, comm
         self.run_activity = None
         self.closed = False
+        self.ready = ""  # this node's rendezvous ready file ("" for a tcp connection)
         self.nodes = [ident.node]  # every node expected to leave a partition
 
 
@@ -142,11 +143,17 @@ def clean_env(environ=None) -> dict:
 
 def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    logf = open(os.path.join(run_dir, f"{node}.aggregator.log"), "ab")
+    # The metadata (argv, cwd, git commit, packages) goes through an owner-only file beside
+    # the ready file, never the command line, which every user can read in /proc.
+    meta_file = os.path.join(os.path.dirname(ready) or run_dir, f"{node}.meta.json")
+    with open(os.open(meta_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        json.dump(meta, fh)
+    logf = open(os.open(os.path.join(run_dir, f"{node}.aggregator.log"),
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     env = {**clean_env(), **_config.to_environ(cfg)}
     cmd = [sys.executable, "-m", "provhpc", "aggregate", "--run-id", run_id, "--node", node,
            "--out", os.path.dirname(run_dir), "--endpoint", endpoint, "--ready", ready,
-           "--expect", str(expect), "--meta", json.dumps(meta)]
+           "--expect", str(expect), "--meta-file", meta_file]
     try:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
@@ -246,21 +253,22 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
             usable = False
     if not usable and not cfg.connect:
         log.warning("provhpc: rank %d: no aggregator for node %s; records stay in segment "
-                    "%s (up to its capacity, the rest counted as dropped) for `provhpc "
-                    "recover`", ident.rank, ident.node,
-                    segment_name(rid, ident.node, ident.rank, os.getpid()))
+                    "%s (up to its capacity, the rest counted as dropped): `provhpc "
+                    "recover %s` (with a writable directory) writes them", ident.rank, ident.node,
+                    segment_name(rid, ident.node, ident.rank, os.getpid()), run_dir)
         _mark_failed(ready, "no usable output directory")
     elif not wait_ready(ready, cfg.startup_timeout, proc):
         # The aggregator exists before user code runs (a rank that dies at once is then
         # still salvaged); without one, records wait in the segment for `provhpc recover`.
         log.warning("provhpc: rank %d: no aggregator for node %s within %.0fs; records stay "
-                    "in the segment for `provhpc recover`", ident.rank, ident.node,
-                    cfg.startup_timeout)
+                    "in the segment for `provhpc recover %s`", ident.rank, ident.node,
+                    cfg.startup_timeout, run_dir)
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
     agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
     api.set_agent(agent)
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
     _session.nodes = nodes
+    _session.ready = ready
     if ident.rank == 0:
         _write_manifest(_session, meta, start=True)
     api.CURRENT.set(0)  # the run is the root, whatever an earlier session left open
@@ -312,6 +320,11 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
                         s.ident.node, s.cfg.shutdown_timeout)
     if s.ident.rank == 0:
         _write_manifest(s, None, start=False, status=status, exit_code=exit_code)
+    if s.ident.is_leader and s.ready:  # nothing of the run stays in the runtime directory
+        with contextlib.suppress(OSError):
+            os.unlink(s.ready + ".failed")
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(s.ready))
     return ok
 
 

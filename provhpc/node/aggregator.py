@@ -10,6 +10,7 @@ production (``provhpc aggregate``); sockets and files are created in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -217,6 +218,9 @@ class Aggregator:
                     os.unlink(p)
                 except OSError:
                     pass
+        if self.ready_path:  # the run's runtime directory, once no other node's files are in it
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.ready_path))
 
     # ------------------------------------------------------------------ main loop
     def _loop(self, sock, remote=None, zap=None) -> None:
