@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import subprocess
 import sys
 import tempfile
@@ -110,21 +111,57 @@ def _proc_start(pid: int) -> str:
         return "0"
 
 
-def runtime_base(cfg) -> str:
-    base = cfg.runtime_dir or os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    return os.path.join(base, f"provhpc-{os.getuid()}")
+def _private_dir(parent: str, warn: bool = False) -> str:
+    """``parent/provhpc-<uid>``, or the first of ``.1`` .. ``.7`` that is ours.
+
+    A directory of that name made by another user (or open to others, or a symlink) is
+    never used: every process of the node walks the same names and stops at the first
+    owner-only directory of ours, so the ranks of a node still meet in one place.
+    """
+    name = f"provhpc-{os.getuid()}"
+    for i in range(8):
+        cand = os.path.join(parent, name if i == 0 else f"{name}.{i}")
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(cand, 0o700)
+        try:
+            st = os.lstat(cand)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            if i and warn and cand not in _warned:
+                _warned.add(cand)
+                log.warning("provhpc: %s is not yours or not private; using %s instead",
+                            os.path.join(parent, name), cand)
+            return cand
+    raise PermissionError(f"provhpc: no private runtime directory of yours under {parent} "
+                          f"({name} .. {name}.7 are taken); set PROVHPC_RUNTIME_DIR")
 
 
-def rendezvous(cfg, run_id: str, node: str) -> tuple[str, str]:
+_warned: set = set()
+
+
+def runtime_base(cfg, warn: bool = False) -> str:
+    """The owner-only directory of this user's rendezvous sockets.
+
+    An explicit ``PROVHPC_RUNTIME_DIR`` is used as given (and refused when it is not
+    private); the default places fall back to a private name of our own when another
+    user took them.
+    """
+    if cfg.runtime_dir:
+        return os.path.join(cfg.runtime_dir, f"provhpc-{os.getuid()}")
+    return _private_dir(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(), warn)
+
+
+def rendezvous(cfg, run_id: str, node: str, warn: bool = False) -> tuple[str, str]:
     """The aggregator's endpoint and ready file for (run, node); the dir is owner-only."""
-    base = runtime_base(cfg)
+    base = runtime_base(cfg, warn)
     d = os.path.join(base, run_id)
     ready = os.path.join(d, f"{node}.ready")
     sock = os.path.join(d, f"{node}.sock")
     dirs = [base, d]
     if len(sock) > 100:  # the limit of an ipc:// path: a short hashed name, /tmp if need be
         key = hashlib.sha1(f"{run_id}\0{node}".encode()).hexdigest()[:20]
-        short = base if len(base) < 70 else f"/tmp/provhpc-{os.getuid()}"
+        short = base if len(base) < 70 else _private_dir("/tmp", warn)
         sock = os.path.join(short, f"{key}.sock")
         dirs.append(short)
     for p in dirs:
@@ -240,7 +277,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     if cfg.connect:  # no aggregator on this host: send inline to a remote one over CURVE
         endpoint, ready = cfg.connect, ""
     else:
-        endpoint, ready = rendezvous(cfg, rid, ident.node)
+        endpoint, ready = rendezvous(cfg, rid, ident.node, warn=ident.is_leader)
     meta = run_meta(ident, cfg, argv)
     proc = None
     if usable and not cfg.connect and ident.is_leader and not cfg.external_aggregator \
