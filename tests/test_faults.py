@@ -290,22 +290,37 @@ def test_disk_full_training_continues_loss_counted(tmp_path, venv_bin, clean_env
         assert s["records_total"] + s["dropped_total"] == reported
 
 
-def test_read_only_output_training_continues(tmp_path, venv_bin, clean_env):
-    """A read-only output directory: the program runs to its end, nothing is written
-    there, the records wait in the segments and recover writes them elsewhere."""
-    run_id = f"ro-{os.getpid()}-{random.randrange(1 << 30)}"
-    env = job_env(clean_env, tmp_path, PROVHPC_RUN_ID=run_id, PROVHPC_STARTUP_TIMEOUT=1)
-    try:
-        with _mount(tmp_path / "ro", "size=1m,ro") as out, \
-                _job(venv_bin, tmp_path, env, 2, 2000, out=str(out)) as proc:
-            assert proc.wait(60) == 0, output(proc)
-            assert os.listdir(out) == []
-            assert len(leftover_segments(run_id)) == 2
-            rdir = str(tmp_path / "elsewhere" / run_id)
-            recover(rdir)
-            check_no_loss(rdir, {r: progress(tmp_path, r) for r in range(2)})
-    finally:
-        remove_segments(run_id)
+@pytest.mark.parametrize("fault", ["read-only", "full"])
+def test_unusable_output_is_refused_before_the_program_starts(fault, tmp_path, venv_bin,
+                                                              clean_env):
+    """A read-only or full --out: every rank refuses with one line naming the directory
+    and exits 2 before the program runs; no segment, no runtime directory, no run
+    directory is left behind."""
+    run_id = f"refuse-{fault}-{os.getpid()}-{random.randrange(1 << 30)}"
+    rt = tmp_path / "rt"
+    env = {**clean_env, "PROVHPC_RUN_ID": run_id, "PROVHPC_RUNTIME_DIR": str(rt)}
+    prog = tmp_path / "prog.py"
+    marker = tmp_path / "started"
+    prog.write_text(f"open({str(marker)!r} + __import__('os').environ.get('PMI_RANK', '0'),"
+                    " 'w').close()\n")
+    opts = "size=1m,ro" if fault == "read-only" else "size=2m,mode=0700"
+    with _mount(tmp_path / "out", opts) as out:
+        if fault == "full":
+            (out / "ballast").write_bytes(b"x" * (1536 << 10))
+        r = subprocess.run([os.path.join(venv_bin, "mpiexec"), "-n", "2",
+                            os.path.join(venv_bin, "provhpc"), "run", "--out", str(out), "--",
+                            os.path.join(venv_bin, "python"), str(prog)],
+                           env=env, capture_output=True, text=True, timeout=90)
+        assert r.returncode == 2, r.stderr
+        # one line per rank (the launcher may join the ranks' lines), nothing else of ours
+        lines = [ln for ln in r.stderr.split("provhpc run:")[1:] if ln.strip()]
+        assert len(lines) == 2 and "provhpc:" not in r.stderr, r.stderr
+        why = "cannot write" if fault == "read-only" else "is full"
+        assert all(why in ln and str(out / run_id) in ln for ln in lines), r.stderr
+        assert not list(tmp_path.glob("started*")), "the program ran"
+        assert sorted(os.listdir(out)) == ([] if fault == "read-only" else ["ballast"])
+    assert leftover_segments(run_id) == []
+    assert not (rt / f"provhpc-{os.getuid()}" / run_id).exists()
 
 
 def test_documented_drop_reasons_are_the_counted_ones():

@@ -31,9 +31,9 @@ from . import environment as _environment
 from . import identity as _identity
 
 __all__ = [
-    "RUN_ID_RE", "Session", "agree_run_id", "clean_env", "current", "init", "new_run_id",
-    "on_shutdown", "rendezvous", "run_meta", "runtime_base", "shutdown", "spawn_aggregator",
-    "validate_run_id", "wait_ready"
+    "MIN_FREE", "OutputRefused", "RUN_ID_RE", "Session", "agree_run_id", "check_output",
+    "clean_env", "current", "init", "new_run_id", "on_shutdown", "rendezvous", "run_meta",
+    "runtime_base", "shutdown", "spawn_aggregator", "validate_run_id", "wait_ready"
 ]
 
 log = logging.getLogger("provhpc")
@@ -224,6 +224,41 @@ def _mark_failed(ready: str, why: str) -> None:
         pass
 
 
+MIN_FREE = 1 << 20  # bytes: less than this free on --out at start is refused
+
+
+class OutputRefused(ValueError):
+    """The output directory cannot take the run; nothing was started."""
+
+
+def check_output(run_dir: str) -> None:
+    """Create ``run_dir`` owner-only and prove it writable with room to spare, or refuse.
+
+    Free space is read on the nearest existing ancestor first, so a full disk gets no
+    run directory at all (and ranks racing here all see the same thing).
+    """
+    hint = "nothing was started; choose a writable --out (PROVHPC_OUT)"
+    probe_at = run_dir
+    while not os.path.exists(probe_at) and os.path.dirname(probe_at) != probe_at:
+        probe_at = os.path.dirname(probe_at)
+    try:
+        st = os.statvfs(probe_at)
+    except OSError:
+        st = None
+    if st is not None and st.f_bavail * st.f_frsize < MIN_FREE:
+        raise OutputRefused(f"the output directory {run_dir} is full "
+                            f"({st.f_bavail * st.f_frsize} bytes free, {MIN_FREE} needed to "
+                            f"start); {hint}")
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".provhpc-probe-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputRefused(f"cannot write the output directory {run_dir} "
+                            f"({exc.strerror or exc}); {hint}") from None
+
+
 def run_meta(ident, cfg, argv=None) -> dict:
     """Run metadata; a rank never imports h5py for it (the aggregator adds h5py/HDF5)."""
     import numpy
@@ -268,12 +303,9 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     rid = agree_run_id(cfg, ident, comm)
     nodes = sorted(set(comm.allgather(ident.node))) if comm is not None else [ident.node]
     run_dir = os.path.join(os.path.abspath(cfg.out), rid)
-    try:
-        os.makedirs(run_dir, mode=0o700, exist_ok=True)
-        usable = os.access(run_dir, os.W_OK)
-    except OSError as exc:
-        log.warning("provhpc: cannot create %s (%s)", run_dir, exc)
-        usable = False
+    if not cfg.connect:  # refused here, before the program runs, not found out at its end
+        check_output(run_dir)
+    usable = True
     if cfg.connect:  # no aggregator on this host: send inline to a remote one over CURVE
         endpoint, ready = cfg.connect, ""
     else:
