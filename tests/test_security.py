@@ -171,3 +171,25 @@ def test_segment_of_other_mode_or_outside_shm_is_not_mapped(tmp_path):
             os.unlink(link)
     finally:
         seg.close(unlink=True)
+
+
+@pytest.mark.parametrize("group, fmode, dmode", [("0", 0o600, 0o700), ("1", 0o640, 0o750)])
+def test_run_directory_follows_one_documented_mode(group, fmode, dmode, tmp_path, venv_bin,
+                                                   clean_env):
+    """Every file of a finished run (manifest, partition, aggregator log) has one mode:
+    owner-only by default, group-readable with PROVHPC_GROUP_READABLE=1."""
+    env = {**clean_env, "PROVHPC_RUNTIME_DIR": str(tmp_path / "rt"),
+           "PROVHPC_GROUP_READABLE": group, "PROVHPC_RUN_ID": f"mode-{group}"}
+    out = tmp_path / "prov"
+    r = subprocess.run([os.path.join(venv_bin, "provhpc"), "run", "--out", str(out), "--",
+                        os.path.join(venv_bin, "python"), "-c",
+                        "import provhpc; provhpc.metric('m', 1.0)"],
+                       env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr
+    run_dir = out / f"mode-{group}"
+    assert _mode(run_dir) == dmode
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert "manifest.json" in names and any(n.endswith(".h5") for n in names) \
+        and any(n.endswith(".aggregator.log") for n in names), names
+    for p in run_dir.iterdir():
+        assert _mode(p) == fmode, (p.name, oct(_mode(p)))

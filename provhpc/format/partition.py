@@ -59,8 +59,10 @@ def _compression(name: str) -> dict[str, Any]:
 class PartitionWriter:
     """Appends record batches, strings and rank rows to one partition file."""
 
-    def __init__(self, path: str, attrs: dict[str, Any], compression: str = "none"):
+    def __init__(self, path: str, attrs: dict[str, Any], compression: str = "none",
+                 mode: int = 0o600):
         self.path = path
+        self.mode = mode
         self.tmp_path = path
         self.f = f = h5py.File(path, "w", libver=LIBVER)
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -295,7 +297,7 @@ class PartitionWriter:
                                 else json.dumps(value))
             f.attrs["closed_at"] = time.time_ns()
             f.attrs["complete"] = complete
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, self.mode)
 
 
 def open_partition(path: str) -> h5py.File:

@@ -126,6 +126,9 @@ SETTINGS = {
     "connect": ("PROVHPC_CONNECT", "", _tcp_endpoint("PROVHPC_CONNECT"),
                 "Rank: send to the aggregator at this `tcp://ADDRESS:PORT` (inline, CURVE with "
                 "`PROVHPC_KEY_FILE`) instead of a local one; empty = this node's own."),
+    "group_readable": ("PROVHPC_GROUP_READABLE", False, _bool,
+                       "Run directory 0750 and its files 0640, for a project group's shared "
+                       "`--out`; default owner-only (0700 and 0600)."),
     "key_file": ("PROVHPC_KEY_FILE", "", _text,
                  "Owner-only (0600) file with the run's CURVE secret (`provhpc keygen FILE`); "
                  "required by `PROVHPC_LISTEN` and `PROVHPC_CONNECT`."),
@@ -153,6 +156,7 @@ class Config:
     telemetry_interval: float = 5.0
     listen: str = ""
     connect: str = ""
+    group_readable: bool = False
     key_file: str = ""
     sources: dict = field(default_factory=dict, compare=False)
 

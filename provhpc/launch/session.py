@@ -25,6 +25,7 @@ import time
 from ..capture import api
 from ..capture.agent import Agent
 from ..format import records as R
+from ..format.modes import run_modes
 from ..format.segment import segment_name, shm_dir
 from . import config as _config
 from . import environment as _environment
@@ -179,14 +180,15 @@ def clean_env(environ=None) -> dict:
 
 
 def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
-    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    fmode, dmode = run_modes(cfg.group_readable)
+    os.makedirs(run_dir, mode=dmode, exist_ok=True)
     # The metadata (argv, cwd, git commit, packages) goes through an owner-only file beside
     # the ready file, never the command line, which every user can read in /proc.
     meta_file = os.path.join(os.path.dirname(ready) or run_dir, f"{node}.meta.json")
     with open(os.open(meta_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
         json.dump(meta, fh)
     logf = open(os.open(os.path.join(run_dir, f"{node}.aggregator.log"),
-                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, fmode), "ab")
     env = {**clean_env(), **_config.to_environ(cfg)}
     cmd = [sys.executable, "-m", "provhpc", "aggregate", "--run-id", run_id, "--node", node,
            "--out", os.path.dirname(run_dir), "--endpoint", endpoint, "--ready", ready,
@@ -231,7 +233,7 @@ class OutputRefused(ValueError):
     """The output directory cannot take the run; nothing was started."""
 
 
-def check_output(run_dir: str) -> None:
+def check_output(run_dir: str, dir_mode: int = 0o700) -> None:
     """Create ``run_dir`` owner-only and prove it writable with room to spare, or refuse.
 
     Free space is read on the nearest existing ancestor first, so a full disk gets no
@@ -250,7 +252,7 @@ def check_output(run_dir: str) -> None:
                             f"({st.f_bavail * st.f_frsize} bytes free, {MIN_FREE} needed to "
                             f"start); {hint}")
     try:
-        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        os.makedirs(run_dir, mode=dir_mode, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".provhpc-probe-", dir=run_dir)
         os.close(fd)
         os.unlink(probe)
@@ -304,7 +306,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     nodes = sorted(set(comm.allgather(ident.node))) if comm is not None else [ident.node]
     run_dir = os.path.join(os.path.abspath(cfg.out), rid)
     if not cfg.connect:  # refused here, before the program runs, not found out at its end
-        check_output(run_dir)
+        check_output(run_dir, run_modes(cfg.group_readable)[1])
     usable = True
     if cfg.connect:  # no aggregator on this host: send inline to a remote one over CURVE
         endpoint, ready = cfg.connect, ""
@@ -417,7 +419,8 @@ def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=N
         if not start:
             doc["end"] = time.time_ns()
         tmp = path + ".tmp"
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        fmode = run_modes(s.cfg.group_readable)[0]
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, fmode), "w") as fh:
             json.dump(doc, fh, indent=1)
         os.replace(tmp, path)
         if start:

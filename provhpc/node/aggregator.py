@@ -28,6 +28,7 @@ from .._version import __version__
 from ..format import netkey
 from ..format import protocol as P
 from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
+from ..format.modes import run_modes
 from ..format.partition import DISK_RESERVE, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
@@ -115,7 +116,8 @@ class Aggregator:
         return t
 
     def serve(self) -> int:
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=run_modes(self.cfg.group_readable)[1],
+                    exist_ok=True)
         other = _live_aggregator(self.ready_path)
         if other:  # binding over it would steal its ranks and delete its rendezvous files
             log.error("another aggregator (pid %d) already serves run %s on node %s",
@@ -176,12 +178,13 @@ class Aggregator:
                  "writer": f"provhpc {__version__}", "expect": self.expect,
                  "writer_pid": os.getpid(), "writer_host": socket.gethostname()}
         self.path = _unused_path(self.path)  # a restarted aggregator never overwrites
-        self._writer = PartitionWriter(self.path, attrs, self.cfg.compression)
+        fmode, _dmode = run_modes(self.cfg.group_readable)
+        self._writer = PartitionWriter(self.path, attrs, self.cfg.compression, mode=fmode)
         self._mark = self.writer.mark()
         self._take_reserve()
         if self.cfg.telemetry_interval > 0:
             self.telemetry = _telemetry.Sampler(self.writer, self.gpus)
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, fmode)
 
     def _bind_remote(self, ctx):
         """The CURVE-only tcp ROUTER of PROVHPC_LISTEN and its ZAP handler (bound first:
