@@ -129,7 +129,7 @@ def run_dir(out: str) -> str:
 
 
 def aggregator_pid(tmp_path) -> int | None:
-    for p in glob.glob(str(tmp_path / "rt" / "provhpc-*" / "*" / "*.ready")):
+    for p in glob.glob(str(tmp_path / "rt" / "provhpc-*" / "*" / "*" / "ready")):
         try:
             with open(p) as fh:
                 return int(json.load(fh)["pid"])

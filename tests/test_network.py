@@ -108,7 +108,7 @@ def test_default_aggregator_process_listens_on_no_port(tmp_path, venv_bin, clean
                              "--linger", "60"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        ready = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "net-default" / "n0.ready"
+        ready = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "net-default" / "n0" / "ready"
         for _ in range(500):
             if ready.exists():
                 break
@@ -132,7 +132,7 @@ def test_listening_aggregator_process_binds_the_given_interface_only(tmp_path, v
                              "--linger", "60"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        ready = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "net-listen" / "n0.ready"
+        ready = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "net-listen" / "n0" / "ready"
         for _ in range(500):
             if ready.exists():
                 break

@@ -124,7 +124,7 @@ def test_live_job_is_owner_only_and_listens_on_no_port(tmp_path, venv_bin, clean
     assert any(p.name.endswith(".aggregator.log") for p in files)
     for p in files:
         assert _mode(p) & 0o077 == 0, (p, oct(_mode(p)))
-    assert not glob.glob(str(tmp_path / "rt" / "**" / "*.meta.json"), recursive=True)
+    assert not glob.glob(str(tmp_path / "rt" / "**" / "meta.json"), recursive=True)
     assert not os.path.exists(tmp_path / "rt" / f"provhpc-{os.getuid()}" / run_id)
     # no secret from the environment in any output file
     for path in glob.glob(str(run_dir / "*")):

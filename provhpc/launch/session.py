@@ -25,7 +25,7 @@ import time
 from ..capture import api
 from ..capture.agent import Agent
 from ..format import records as R
-from ..format.modes import run_modes
+from ..format.modes import remove_rendezvous_dirs, run_modes
 from ..format.segment import segment_name, shm_dir
 from . import config as _config
 from . import environment as _environment
@@ -156,9 +156,11 @@ def runtime_base(cfg, warn: bool = False) -> str:
 def rendezvous(cfg, run_id: str, node: str, warn: bool = False) -> tuple[str, str]:
     """The aggregator's endpoint and ready file for (run, node); the dir is owner-only."""
     base = runtime_base(cfg, warn)
-    d = os.path.join(base, run_id)
-    ready = os.path.join(d, f"{node}.ready")
-    sock = os.path.join(d, f"{node}.sock")
+    # One directory per node: a node that ends first removes only its own files, and the run's
+    # directory only once it is empty, never under another node that is still starting.
+    d = os.path.join(base, run_id, node)
+    ready = os.path.join(d, "ready")
+    sock = os.path.join(d, "sock")
     dirs = [base, d]
     if len(sock) > 100:  # the limit of an ipc:// path: a short hashed name, /tmp if need be
         key = hashlib.sha1(f"{run_id}\0{node}".encode()).hexdigest()[:20]
@@ -166,7 +168,12 @@ def rendezvous(cfg, run_id: str, node: str, warn: bool = False) -> tuple[str, st
         sock = os.path.join(short, f"{key}.sock")
         dirs.append(short)
     for p in dirs:
-        os.makedirs(p, mode=0o700, exist_ok=True)
+        for _ in range(10):  # another node may rmdir the (empty) run directory meanwhile
+            try:
+                os.makedirs(p, mode=0o700, exist_ok=True)
+                break
+            except FileNotFoundError:
+                continue
         st = os.stat(p)
         if st.st_uid != os.getuid() or st.st_mode & 0o077:
             raise PermissionError(f"provhpc: {p} must be owned by you with mode 0700")
@@ -184,7 +191,7 @@ def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
     os.makedirs(run_dir, mode=dmode, exist_ok=True)
     # The metadata (argv, cwd, git commit, packages) goes through an owner-only file beside
     # the ready file, never the command line, which every user can read in /proc.
-    meta_file = os.path.join(os.path.dirname(ready) or run_dir, f"{node}.meta.json")
+    meta_file = os.path.join(os.path.dirname(ready) or run_dir, "meta.json")
     with open(os.open(meta_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
         json.dump(meta, fh)
     logf = open(os.open(os.path.join(run_dir, f"{node}.aggregator.log"),
@@ -394,8 +401,7 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
     if s.ident.is_leader and s.ready:  # nothing of the run stays in the runtime directory
         with contextlib.suppress(OSError):
             os.unlink(s.ready + ".failed")
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(s.ready))
+        remove_rendezvous_dirs(s.ready, s.run_id, s.ident.node)
     return ok
 
 

@@ -10,7 +10,6 @@ production (``provhpc aggregate``); sockets and files are created in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from .._version import __version__
 from ..format import netkey
 from ..format import protocol as P
 from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
-from ..format.modes import run_modes
+from ..format.modes import remove_rendezvous_dirs, run_modes
 from ..format.partition import DISK_RESERVE, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
@@ -221,9 +220,8 @@ class Aggregator:
                     os.unlink(p)
                 except OSError:
                     pass
-        if self.ready_path:  # the run's runtime directory, once no other node's files are in it
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(self.ready_path))
+        if self.ready_path:  # the node's directory, then the run's once no other node is in it
+            remove_rendezvous_dirs(self.ready_path, self.run_id, self.node)
 
     # ------------------------------------------------------------------ main loop
     def _loop(self, sock, remote=None, zap=None) -> None:
