@@ -2,8 +2,9 @@
 
 Outcomes (docs/reliability.md, "Bad values"): *kept* as given, *coerced* by a
 stated rule (flag F_COERCED), *truncated* (F_TRUNCATED), *rejected* keeping
-only the type name (F_REJECTED), or *misuse* raising ValueError that names the
-key where the call is written.  Nothing else may escape into the training loop.
+only the type name (F_REJECTED), *dropped* and counted as ``bad_value`` (a
+metric point that is not a number), or *misuse* raising ValueError that names
+the key where the call is written.  Nothing else may escape into the training loop.
 """
 
 from __future__ import annotations

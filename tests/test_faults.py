@@ -327,7 +327,7 @@ def test_documented_drop_reasons_are_the_counted_ones():
     """The drop-reason tables of docs/format.md and docs/reliability.md list exactly the
     reasons of provhpc/format/drops.py, in index order.  (That each is counted is shown
     where it happens: backpressure in test_contract, no_aggregator and aggregator_write
-    here and in test_disk_full.)"""
+    here and in test_disk_full, bad_value in test_api and test_misuse.)"""
     from provhpc.format import drops as D
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,5 +348,5 @@ def test_documented_drop_reasons_are_the_counted_ones():
 
     assert table("format.md", "| index | reason |") == list(D.DROP_REASONS)
     assert table("reliability.md", "| reason | counted by |") == list(D.DROP_REASONS)
-    assert [D.REASONS[i] for i in (D.BACKPRESSURE, D.NO_AGGREGATOR, D.AGGREGATOR_WRITE)] == \
-        list(D.DROP_REASONS)
+    assert [D.REASONS[i] for i in (D.BACKPRESSURE, D.NO_AGGREGATOR, D.AGGREGATOR_WRITE,
+                                   D.BAD_VALUE)] == list(D.DROP_REASONS)

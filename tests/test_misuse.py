@@ -1,12 +1,14 @@
-"""The misuse table: every entry point, run on the C path and on the forced-Python path.
+"""The misuse table: every entry point, with capture on (C path and forced-Python path) and
+with capture off.
 
 Each row is one call written as a user would write it (``task`` is the activity of
 an enclosing ``with provhpc.task("outer") as task`` block).  The table runs in a
-subprocess twice, once with the C extension and once with it blocked
-(``sys.modules["provhpc.capture._fast"] = None``), and each outcome must be the same
-on both paths: the same exception type with a message naming the argument, or, for
-values the coercion rules take (docs/reliability.md, "Bad values"), the same
-stored records.
+subprocess three times: capture on with the C extension, capture on with it blocked
+(``sys.modules["provhpc.capture._fast"] = None``), and capture off.  The rule
+(docs/format.md, "Values"): a *programming error* raises ValueError naming the argument,
+the same on all three; *data* never raises: it is stored (coerced by the stated rules,
+the same records on both capture paths) or, for a metric point whose value is not a
+number or whose step is not an integer, dropped and counted as ``bad_value``.
 """
 
 from __future__ import annotations
@@ -22,29 +24,39 @@ from provhpc.capture import api
 
 pytestmark = pytest.mark.timeout(120)
 
-# (call, outcome): outcome is the text the ValueError must contain, or None when the
-# call is not misuse (the value is stored by a coercion rule, identically on both paths)
+# (call, outcome): outcome is the text the ValueError must contain (misuse), None when the
+# value is stored by a coercion rule, or BAD when the point is dropped as bad_value
+BAD = "bad_value"
 TABLE = [
     # metric, module level and on an activity
     ('provhpc.metric("", 1.0)', "metric name"),
     ('provhpc.metric(None, 1.0)', "metric name"),
     ('provhpc.metric(5, 1.0)', "metric name"),
-    ('provhpc.metric("m", "n/a")', "'m'"),
-    ('provhpc.metric("m", BadFloat())', "'m'"),
-    ('provhpc.metric("m", np.ones(3))', "'m'"),
-    ('provhpc.metric("m", 1.0, step=2**70)', "'m': step 1180591620717411303424 is outside"),
-    ('provhpc.metric("m", 1.0, step=-2**63)', "'m': step -9223372036854775808 is outside"),
-    ('provhpc.metric("m", 1.0, step=1.5)', "'m': step float is not an integer"),
-    ('provhpc.metric("m", 1.0, step=float("nan"))', "'m': step float is not an integer"),
-    ('provhpc.metric("m", 1.0, step=2.0**70)', "'m': step float is not an integer"),
-    ('provhpc.metric("m", 1.0, step="3")', "'m': step str is not an integer"),
+    ('provhpc.metric("m", "n/a")', BAD),
+    ('provhpc.metric("m", BadFloat())', BAD),
+    ('provhpc.metric("m", np.ones(3))', BAD),
+    ('provhpc.metric("m", 1.0, step=2**70)', BAD),
+    ('provhpc.metric("m", 1.0, step=-2**63)', BAD),
+    ('provhpc.metric("m", 1.0, step=1.5)', BAD),
+    ('provhpc.metric("m", 1.0, step=float("nan"))', BAD),
+    ('provhpc.metric("m", 1.0, step=2.0**70)', BAD),
+    ('provhpc.metric("m", 1.0, step="3")', BAD),
     ('provhpc.metric("m", 1.0, step=np.int32(3))', None),
+    ('provhpc.metric("m", "1.0")', BAD),
+    ('provhpc.metric("m", b"1")', BAD),
+    ('provhpc.metric("m", None)', BAD),
+    ('provhpc.metric("m", 1j)', BAD),
+    ('provhpc.metric("m", np.array([0.5]))', None),
+    ('provhpc.metric("m", np.array(0.25))', None),
+    ('provhpc.metric("m", 1.0, step=True)', BAD),
+    ('provhpc.metric("", "n/a")', "metric name"),
+    ('task.metric(None, 1.0)', "metric name"),
     ('task.metric("", 1.0)', "metric name"),
-    ('task.metric("m", "n/a")', "'m'"),
-    ('task.metric("m", 1.0, step=2**70)', "'m': step 1180591620717411303424 is outside"),
-    ('task.metric("m", 1.0, step=-2**63)', "'m': step -9223372036854775808 is outside"),
-    ('task.metric("m", 1.0, step=1.5)', "'m': step float is not an integer"),
-    ('task.metric("m", 1.0, step="3")', "'m': step str is not an integer"),
+    ('task.metric("m", "n/a")', BAD),
+    ('task.metric("m", 1.0, step=2**70)', BAD),
+    ('task.metric("m", 1.0, step=-2**63)', BAD),
+    ('task.metric("m", 1.0, step=1.5)', BAD),
+    ('task.metric("m", 1.0, step="3")', BAD),
     # activities: names, kinds, epoch indexes, parameters
     ('provhpc.task("")', "task name"),
     ('provhpc.task(7)', "task name"),
@@ -60,6 +72,12 @@ TABLE = [
     ('provhpc.task("t", **{"": 1}).start()', "attribute names"),
     ('provhpc.task("t", lr=BadRepr()).start()', None),
     ('provhpc.task("t", used=5).start()', "expected an entity"),
+    ('within(provhpc.task("t", used=5))', "expected an entity"),
+    ('within(provhpc.task("t", used=[""]))', "data identity"),
+    ('within(provhpc.task("t", **{"": 1}))', "attribute names"),
+    ('within(provhpc.task("t", lr=0.5))', None),
+    ('provhpc.task("t").generated(5)', "expected an entity"),
+    ('provhpc.task("t").generated(**{"": 1})', "attribute names"),
     # attributes and generated values, module level, on an activity, on an entity
     ('provhpc.attribute("", 1)', "attribute names"),
     ('provhpc.attribute(5, 1)', "attribute names"),
@@ -88,8 +106,9 @@ TABLE = [
 ]
 
 PROGRAM = r'''
-import json, sys
-if sys.argv[2] == "python":
+import contextlib, json, sys
+mode = sys.argv[2]
+if mode == "python":
     sys.modules["provhpc.capture._fast"] = None  # what a machine without a compiler runs
 import numpy as np
 import provhpc
@@ -104,16 +123,25 @@ class BadRepr:
     def __repr__(self):
         raise RuntimeError("repr exploded")
 
+def within(activity):
+    with activity:
+        pass
+
+def bad_values(cap):
+    return 0 if cap is None else cap.agent.dropped.get("bad_value", 0)
+
 calls = json.loads(sys.argv[3])
 out = []
-with capture(sys.argv[1], run_id="misuse-" + sys.argv[2], telemetry_interval=0) as cap:
+on = capture(sys.argv[1], run_id="misuse-" + mode, telemetry_interval=0)
+with (contextlib.nullcontext() if mode == "off" else on) as cap:
     for i, call in enumerate(calls):
+        before = bad_values(cap)
         with provhpc.task("outer", row=i) as task:
             try:
                 eval(call)
-                out.append(["ok", ""])
+                out.append(["ok", "", bad_values(cap) - before])
             except Exception as exc:
-                out.append([type(exc).__name__, str(exc)])
+                out.append([type(exc).__name__, str(exc), bad_values(cap) - before])
     provhpc.metric("after", 1.0)  # capture goes on after every misuse
 print(json.dumps({"c": api._fast is not None, "out": out}))
 '''
@@ -129,7 +157,19 @@ def _run(tmp_path, path: str):
                           json.dumps([c for c, _ in TABLE])],
                          capture_output=True, text=True, env=env, timeout=100)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1]), d
+    return json.loads(res.stdout.strip().splitlines()[-1]), d, res.stderr
+
+
+def _check(call, want, got, on: bool):
+    """One row's outcome against the table (``on``: capture was on, so drops are counted)."""
+    kind, text, bad = got
+    if want is None or want == BAD:
+        assert kind == "ok", f"{call}: data must never raise, yet {got}"
+        assert bad == (1 if want == BAD and on else 0), f"{call}: bad_value count {bad}"
+    else:
+        assert kind == "ValueError", f"{call}: misuse must raise ValueError, got {got}"
+        assert want in text, f"{call}: {text!r} does not name {want!r}"
+        assert bad == 0, f"{call}: misuse counted as a bad value"
 
 
 def _stored(d):
@@ -152,16 +192,11 @@ def _went_on(stored) -> bool:
 @pytest.mark.skipif(api._fast is None, reason="the C extension is not built here: "
                     "there is only the Python path to compare (test_fast_path says so too)")
 def test_misuse_table_same_on_c_and_python(tmp_path):
-    c, c_dir = _run(tmp_path, "c")
-    py, py_dir = _run(tmp_path, "python")
+    (c, c_dir, _), (py, py_dir, _) = _run(tmp_path, "c"), _run(tmp_path, "python")
     assert c["c"] and not py["c"], "the two runs did not take the two paths"
     for (call, want), got_c, got_py in zip(TABLE, c["out"], py["out"]):
         assert got_c == got_py, f"{call}: C {got_c} but Python {got_py}"
-        if want is None:
-            assert got_c == ["ok", ""], f"{call}: not misuse, yet {got_c}"
-        else:
-            assert got_c[0] == "ValueError", f"{call}: {got_c}"
-            assert want in got_c[1], f"{call}: {got_c[1]!r} does not name {want!r}"
+        _check(call, want, got_c, on=True)
     stored = _stored(c_dir)
     assert stored == _stored(py_dir), "the coerced values differ between C and Python"
     assert _went_on(stored), "capture did not go on after the misuse calls"
@@ -169,10 +204,23 @@ def test_misuse_table_same_on_c_and_python(tmp_path):
 
 def test_misuse_table_python_path(tmp_path):
     """Where the C extension is not built, the Python path still meets the table."""
-    py, py_dir = _run(tmp_path, "python")
+    py, py_dir, _ = _run(tmp_path, "python")
     assert _went_on(_stored(py_dir)), "capture did not go on after the misuse calls"
     for (call, want), got in zip(TABLE, py["out"]):
-        if want is None:
-            assert got == ["ok", ""], f"{call}: not misuse, yet {got}"
-        else:
-            assert got[0] == "ValueError" and want in got[1], f"{call}: {got}"
+        _check(call, want, got, on=True)
+
+
+def test_misuse_table_same_with_capture_off(tmp_path):
+    """The same program behaves the same with capture off: misuse raises the same error,
+    data raises nothing (a script tested without provhpc run does not die under it)."""
+    off, _d, _err = _run(tmp_path, "off")
+    on, _d2, _err2 = _run(tmp_path, "python")
+    for (call, want), got_off, got_on in zip(TABLE, off["out"], on["out"]):
+        _check(call, want, got_off, on=False)
+        assert got_off[:2] == got_on[:2], f"{call}: capture off {got_off}, on {got_on}"
+
+
+def test_bad_values_warn_once_per_metric_name(tmp_path):
+    _res, _d, err = _run(tmp_path, "python")
+    warned = [ln for ln in err.splitlines() if "counted as bad_value" in ln]
+    assert len(warned) == 1 and "metric 'm'" in warned[0], warned  # every bad row is 'm'

@@ -410,7 +410,12 @@ static int capture_off(void) {
 static PyObject *act_enter(Activity *self, PyObject *unused) {
     PyObject *agent = api_agent();
     if (agent == NULL && PyErr_Occurred()) return NULL;
-    if (agent == NULL && self->token == Py_None && self->id == zero) {
+    if (agent == NULL && self->token == Py_None && self->id == zero &&
+        (self->params == Py_None || (PyDict_CheckExact(self->params) &&
+                                     PyDict_GET_SIZE(self->params) == 0)) &&
+        (self->inputs == Py_None || (PyList_CheckExact(self->inputs) &&
+                                     PyList_GET_SIZE(self->inputs) == 0))) {
+        /* capture off, nothing to check (start() checks params and inputs for misuse) */
         int off = capture_off();  /* then start() is a no-op that marks the activity */
         if (off < 0) return NULL;
         if (off) {
@@ -470,7 +475,10 @@ static PyObject *act_exit(Activity *self, PyObject *const *args, Py_ssize_t narg
 }
 
 static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs) {
-    if (self->id == zero) {  /* not started, or capture off: nothing to relate */
+    if (self->id == zero && PyTuple_GET_SIZE(args) == 0 &&
+        (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0)) {
+        /* not started, or capture off, and nothing given: nothing to relate or check
+         * (otherwise _generated checks for misuse, as with capture on) */
         Py_INCREF(self);
         return (PyObject *)self;
     }

@@ -27,7 +27,7 @@ import zmq
 
 from ..format import netkey
 from ..format import protocol as P
-from ..format.drops import BACKPRESSURE, NO_AGGREGATOR
+from ..format.drops import BACKPRESSURE, BAD_VALUE, NO_AGGREGATOR
 from ..format.records import (
     ACTIVITY_END,
     ACTIVITY_START,
@@ -61,6 +61,7 @@ from ..format.segment import (
 )
 
 log = logging.getLogger("provhpc.agent")
+BAD_NAMES_WARNED = 1000  # metric names warned about at most (one line each)
 
 HEARTBEAT_S = 1.0  # inline mode: seconds between heartbeats (the aggregator waits >= 10 s)
 
@@ -153,6 +154,8 @@ class Agent:
         self._next_sid = itertools.count(1).__next__
         self.next_id = itertools.count(id_base + 1).__next__
         self.records = 0  # in sealed slots, strings included
+        self._bad_names: set[str] = set()  # metric names already warned about (bad_value)
+        self._bad_lock = threading.Lock()
         self.strings_defined = 0
         self.open_activities: dict[int, None] = {}
         self._outbox: deque[tuple[int, int, int, int]] = deque()
@@ -268,6 +271,18 @@ class Agent:
         """Count records that found no slot: backpressure, or no aggregator at all."""
         self.seg.drops[BACKPRESSURE if self.mode in ("shm", "inline", "pending")
                        else NO_AGGREGATOR] += n
+
+    def bad_value(self, name: str, why: str) -> None:
+        """Drop one metric point whose value or step is not data provhpc can store: count it
+        as ``bad_value`` and warn once per metric name (data never raises)."""
+        with self._bad_lock:
+            self.seg.drops[BAD_VALUE] += 1
+            first = name not in self._bad_names and len(self._bad_names) < BAD_NAMES_WARNED
+            if first:
+                self._bad_names.add(name)
+        if first:
+            log.warning("provhpc: rank %d: metric %r: %s; the point is dropped and counted as "
+                        "bad_value (said once per metric name)", self.rank, name, why)
 
     # -- the lock protocol around the owner's fast path
     def _enter(self) -> None:

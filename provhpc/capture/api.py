@@ -3,8 +3,11 @@
 Instruments: ``task``, ``stage``, ``epoch`` (activities: context manager,
 decorator, or explicit ``start()``/``end()``), ``metric``, ``hyperparameters``,
 ``data`` (entities), ``attribute``.  Misuse (an empty or non-string name, an
-``end`` without a ``start``) raises ``ValueError`` where it is written;
-everything else is coerced by the documented rules or counted as dropped.
+``end`` without a ``start``, a non-entity in ``used``) raises ``ValueError``
+where it is written, with capture on and off alike.  Data never raises: values
+are coerced by the documented rules (docs/format.md, "Values"), and a metric
+point whose value is not a number or whose step is not an integer is dropped
+and counted as ``bad_value``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,24 @@ def _items(values: dict[str, Any]) -> list[tuple[str, Any]]:
         else:
             out.append((key, value))
     return out
+
+
+def _check_keys(values: dict[str, Any]) -> None:
+    """Capture off (or nothing to attach to): raise for the keys what ``_items`` would."""
+    for key in values:
+        if key.__class__ is not str or not key:
+            raise ValueError(f"provhpc: attribute names must be non-empty strings, got {key!r}")
+
+
+def _check_entities(entities: Any) -> None:
+    """Capture off: raise for ``entities`` what ``_entity_id`` would, creating nothing."""
+    for e in entities:
+        if isinstance(e, Entity):
+            continue
+        if isinstance(e, (str, os.PathLike)):
+            check_name(os.fspath(e) if isinstance(e, os.PathLike) else e, "data identity")
+            continue
+        _entity_id(e)  # raises: not an entity
 
 
 def _value_rows(agent: Agent, owner: int, role: int, t: int, values: dict[str, Any]) -> list[Any]:
@@ -172,12 +193,16 @@ class Entity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
+        else:
+            _check_keys({name: value})
         return self
 
     def attributes(self, **values: Any) -> Entity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
+        else:
+            _check_keys(values)
         return self
 
     def derived_from(self, *sources: Any) -> Entity:
@@ -185,6 +210,8 @@ class Entity:
         if agent is not None:
             for src in sources:
                 _relate(agent, self.id, R.WAS_DERIVED_FROM, _entity_id(src))
+        else:
+            _check_entities(sources)
         return self
 
     def member(self, *members: Any) -> Entity:
@@ -193,6 +220,8 @@ class Entity:
         if agent is not None:
             for m in members:
                 _relate(agent, self.id, R.HAD_MEMBER, _entity_id(m))
+        else:
+            _check_entities(members)
         return self
 
     def __repr__(self) -> str:
@@ -253,6 +282,8 @@ def hyperparameters(mapping: dict[str, Any] | None = None, name: str = "hyperpar
     values = {**(mapping or {}), **values}
     agent = get_agent()
     if agent is None:
+        check_name(name, "data identity")
+        _check_keys(values)
         return Entity(name, "hyperparameters", 0)
     ent = data(name, kind="hyperparameters")
     _write_values(agent, ent.id, values, ROLE_ATTRIBUTE)
@@ -262,20 +293,27 @@ def hyperparameters(mapping: dict[str, Any] | None = None, name: str = "hyperpar
 
 # ---------------------------------------------------------------------- point records
 def metric(name: str, value: Any, step: Any = None) -> None:
-    """One point of a metric series, attached to the current activity."""
+    """One point of a metric series, attached to the current activity.
+
+    A value that is not a number or a step that is not an integer is data, not misuse: the
+    point is dropped and counted as ``bad_value`` (docs/format.md, "Values"), never raised.
+    """
     a = _agent
     if a is None:
-        if _fork_info is None:
-            return
-        a = get_agent()
-        if a is None:
+        if _fork_info is None or (a := get_agent()) is None:
+            if name.__class__ is not str or not name:  # misuse raises with capture off too
+                check_name(name, "metric name")
             return
     if value.__class__ is not float:
-        value = _metric_value(name, value)
+        value = _metric_value(value)
+        if value is None:
+            return _bad_point(a, name, "the value is not a number")
     if step is None:
         step = _NO_STEP
     elif step.__class__ is not int or step == _NO_STEP:
-        step = _metric_step(name, step)
+        step = _metric_step(step)
+        if step is None:
+            return _bad_point(a, name, "the step is not an integer in int64 (-2**63 excluded)")
     act = CURRENT.get()
     t = _time_ns()
     if _get_ident() == a.owner:  # the owner thread: no lock (see Agent.write)
@@ -288,9 +326,8 @@ def metric(name: str, value: Any, step: Any = None) -> None:
                     a.pack(a.mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
                     a.off = off + 64
                     return
-            except struct.error:
-                raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") \
-                    from None
+            except struct.error:  # an int step beyond int64 (nothing was committed)
+                return _bad_point(a, name, "the step is not an integer in int64")
             finally:
                 a.busy = False
         elif name.__class__ is not str or not name:
@@ -298,31 +335,49 @@ def metric(name: str, value: Any, step: Any = None) -> None:
     try:
         a.write([(a.h_metric, act, 0, t, name, None, step, 0, value)])
     except struct.error:
-        raise ValueError(f"provhpc: metric {name!r}: step {step!r} is outside int64") from None
+        _bad_point(a, name, "the step is not an integer in int64")
 
 
-def _metric_value(name: Any, value: Any) -> float:
+def _bad_point(agent: Any, name: Any, why: str) -> None:
+    check_name(name, "metric name")  # a bad name is misuse, whatever the value
+    agent.bad_value(name, why)
+
+
+def _metric_value(value: Any) -> float | None:
+    """A metric value as a float, or None when it is not a number (docs/format.md, "Values"):
+    int and bool (an int beyond the float range is its signed infinity), numpy scalars and
+    anything with ``__float__``; an array or tensor of exactly one element is that element;
+    str, bytes, None, complex and bigger arrays are not numbers."""
+    if isinstance(value, (str, bytes, bytearray, memoryview)) or value is None:
+        return None
     try:
+        shape = getattr(value, "shape", None)
+        if shape is not None and hasattr(value, "item"):  # numpy and torch alike
+            n = 1
+            for d in shape:
+                n *= int(d)
+            if n != 1:
+                return None
+            value = value.item()
+            if isinstance(value, (str, bytes)):
+                return None
         return float(value)
     except OverflowError:  # an int beyond the float range: its signed infinity
         return float("inf") if value > 0 else float("-inf")
-    except Exception:  # a broken __float__ included: misuse, named where it is written
-        raise ValueError(f"provhpc: metric {name!r}: {type(value).__name__} is not a number") \
-            from None
+    except Exception:  # a broken __float__ included: the point is dropped, never raised
+        return None
 
 
-def _metric_step(name: Any, step: Any) -> int:
-    """A step is an integer (``operator.index``: int, numpy ints) within int64, -2**63 excluded
-    (it means "no step"); a float or a string is misuse (docs/reliability.md, "Bad values")."""
+def _metric_step(step: Any) -> int | None:
+    """A step is an integer (``operator.index``: int, numpy ints; not bool) within int64,
+    -2**63 excluded (it means "no step"); None for anything else (a float, a string)."""
+    if isinstance(step, bool):
+        return None
     try:
         index: int = operator.index(step)
     except Exception:
-        raise ValueError(f"provhpc: metric {name!r}: step {type(step).__name__} is not an "
-                         "integer") from None
-    if not -(2**63) < index < 2**63:
-        raise ValueError(f"provhpc: metric {name!r}: step {index} is outside int64 "
-                         "(-2**63 excluded: it means no step)")
-    return index
+        return None
+    return index if -(2**63) < index < 2**63 else None
 
 
 def attribute(name: str, value: Any) -> None:
@@ -330,6 +385,8 @@ def attribute(name: str, value: Any) -> None:
     agent = get_agent()
     if agent is not None:
         _write_values(agent, CURRENT.get(), {name: value}, ROLE_ATTRIBUTE)
+    else:
+        _check_keys({name: value})
 
 
 def used(*entities: Any) -> None:
@@ -339,6 +396,8 @@ def used(*entities: Any) -> None:
         cur = CURRENT.get()
         for e in entities:
             _relate(agent, cur, R.USED, _entity_id(e))
+    else:
+        _check_entities(entities)
 
 
 def generated(*entities: Any, **values: Any) -> None:
@@ -350,6 +409,9 @@ def generated(*entities: Any, **values: Any) -> None:
             _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, cur)
         if values:
             _write_values(agent, cur, values, ROLE_GENERATED)
+    else:
+        _check_entities(entities)
+        _check_keys(values)
 
 
 # ---------------------------------------------------------------------- activities
@@ -409,7 +471,12 @@ class Activity(_ActivityBase):
         agent = _agent
         if agent is None:
             agent = get_agent()
-            if agent is None:
+            if agent is None:  # capture off: misuse raises all the same, nothing is written
+                if self.params:
+                    _check_keys(self.params)
+                if self.inputs:
+                    _check_entities(self.inputs if self.inputs.__class__ in (list, tuple)
+                                    else (self.inputs,))
                 self._token = False
                 return self
         # the inputs first: a misused ``used=`` raises before anything of the activity is written
@@ -474,6 +541,9 @@ class Activity(_ActivityBase):
                 _relate(agent, _entity_id(e), R.WAS_GENERATED_BY, self.id)
             if values:
                 _write_values(agent, self.id, values, ROLE_GENERATED)
+        else:
+            _check_entities(entities)
+            _check_keys(values)
         return self
 
     def used(self, *entities: Any) -> Activity:
@@ -481,6 +551,8 @@ class Activity(_ActivityBase):
         if agent is not None and self.id:
             for e in entities:
                 _relate(agent, self.id, R.USED, _entity_id(e))
+        else:
+            _check_entities(entities)
         return self
 
     def informed_by(self, other: Activity) -> Activity:
@@ -493,21 +565,32 @@ class Activity(_ActivityBase):
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
+        else:
+            _check_keys({name: value})
         return self
 
     def attributes(self, **values: Any) -> Activity:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
+        else:
+            _check_keys(values)
         return self
 
     def metric(self, name: str, value: Any, step: Any = None) -> Activity:
+        """A metric point of this activity (the rules of ``provhpc.metric``)."""
+        check_name(name, "metric name")  # misuse raises with capture off too
         agent = _agent
         if agent is not None and self.id:
-            check_name(name, "metric name")
-            value = value if value.__class__ is float else _metric_value(name, value)
-            agent.emit(_METRIC, _V_FLOAT, 0, self.id, 0, _time_ns(), name, None,
-                       _NO_STEP if step is None else _metric_step(name, step), 0, value)
+            value = value if value.__class__ is float else _metric_value(value)
+            istep = _NO_STEP if step is None else _metric_step(step)
+            if value is None:
+                agent.bad_value(name, "the value is not a number")
+            elif istep is None:
+                agent.bad_value(name, "the step is not an integer in int64 (-2**63 excluded)")
+            else:
+                agent.emit(_METRIC, _V_FLOAT, 0, self.id, 0, _time_ns(), name, None, istep, 0,
+                           value)
         return self
 
     # --- as a decorator: a fresh activity per call
