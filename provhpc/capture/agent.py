@@ -108,8 +108,9 @@ class Agent:
                 "open_activities")
 
     def __init__(self, cfg: Any, ident: Any, run_id: str, endpoint: str, segment_path: str,
-                 id_base: int = 0, role: str = "rank", ready_path: str = ""):
+                 id_base: int = 0, role: str = "rank", ready_path: str = "", job: str = ""):
         self.cfg, self.ident, self.run_id, self.role = cfg, ident, run_id, role
+        self.job = job  # this job's digest (launch.session.job_digest), sent in the hello
         self.ready_path = ready_path  # "<ready>.failed" there = the aggregator will not come
         self.rank = ident.rank
         self.pid = os.getpid()
@@ -454,7 +455,8 @@ class Agent:
         return {"rank": ident.rank, "local_rank": ident.local_rank, "size": ident.size,
                 "pid": self.pid, "host": _socket.gethostname(), "node": ident.node,
                 "gpu": ident.gpu, "role": self.role, "segment": self.seg.path,
-                "start": time.time_ns(), "run_id": self.run_id}
+                "start": time.time_ns(), "run_id": self.run_id, "job": self.job,
+                "launcher": ident.launcher, "job_id": ident.job_id}
 
     def _io_loop(self, sock: Any) -> None:
         sock.send_multipart([P.HELLO, P.dumps(self._hello())])
@@ -620,10 +622,12 @@ class Agent:
 __all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]
 
 
-def start_worker_agent(cfg: Any, ident: Any, run_id: str, endpoint: str) -> Agent:
+def start_worker_agent(cfg: Any, ident: Any, run_id: str, endpoint: str,
+                       job: str = "") -> Agent:
     """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
     pid = os.getpid()
     seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))
-    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker")
+    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker",
+                  job=job)
     atexit.register(agent.shutdown)
     return agent

@@ -691,7 +691,7 @@ def _after_fork_in_child() -> None:
     global _agent, _fork_info
     if _agent is not None:
         parent = _agent
-        _fork_info = (parent.cfg, parent.ident, parent.run_id, parent.endpoint)
+        _fork_info = (parent.cfg, parent.ident, parent.run_id, parent.endpoint, parent.job)
         _agent = None
 
 

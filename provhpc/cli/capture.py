@@ -47,8 +47,9 @@ def _cmd_aggregate(args) -> int:
             os.unlink(args.meta_file)
     else:
         meta = session.run_meta(ident, cfg)
+    job = str(meta.pop("_job", ""))  # the spawning job's digest: only its ranks are served
     agg = Aggregator(cfg, run_id, node, os.path.abspath(cfg.out), endpoint, ready,
-                     expect=args.expect, linger=args.linger, meta=meta)
+                     expect=args.expect, linger=args.linger, meta=meta, job=job)
     return run_process(agg)
 
 

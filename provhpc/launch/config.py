@@ -90,7 +90,8 @@ SETTINGS = {
     "enabled": ("PROVHPC_ENABLED", True, _bool, "Capture on (1) or off (0) under `provhpc run`."),
     "out": ("PROVHPC_OUT", "provenance", _text, "Output directory; a run writes DIR/<run_id>/."),
     "run_id": ("PROVHPC_RUN_ID", "", _text,
-               "Run identity; empty = chosen by rank 0 and broadcast (MPI) or from the job."),
+               "Run identity; empty = chosen by rank 0 and broadcast (MPI) or from the job. "
+               "A run id another job holds is refused before the program starts."),
     "flush_interval": ("PROVHPC_FLUSH_INTERVAL", 1.0, _positive_float,
                        "Seconds after which a partly filled slot is handed to the aggregator."),
     "slot_records": ("PROVHPC_SLOT_RECORDS", 4096, _positive_int,

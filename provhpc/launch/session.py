@@ -32,8 +32,9 @@ from . import environment as _environment
 from . import identity as _identity
 
 __all__ = [
-    "MIN_FREE", "OutputRefused", "RUN_ID_RE", "Session", "agree_run_id", "check_output",
-    "clean_env", "current", "init", "new_run_id", "on_shutdown", "rendezvous", "run_meta",
+    "MIN_FREE", "OutputRefused", "RUN_ID_RE", "RunIdInUse", "Session", "agree_run",
+    "agree_run_id", "check_output", "claim_rendezvous", "claim_run_dir", "clean_env",
+    "job_digest", "current", "init", "new_run_id", "on_shutdown", "rendezvous", "run_meta",
     "runtime_base", "shutdown", "spawn_aggregator", "validate_run_id", "wait_ready"
 ]
 
@@ -87,21 +88,196 @@ def _mpi_comm(ident):
 
 
 def agree_run_id(cfg, ident, comm) -> str:
-    if cfg.run_id:
-        return validate_run_id(cfg.run_id)
+    """The run id every rank of this job agrees on (see ``agree_run``)."""
+    return agree_run(cfg, ident, comm)[0]
+
+
+def agree_run(cfg, ident, comm) -> tuple[str, str]:
+    """(run id, job token) that every rank of this job shares, and no other job does.
+
+    The token tells this job from another that was given the same run id: with MPI it is
+    a secret that rank 0 draws and broadcasts; without MPI it is derived from the
+    launcher's job identity (``_job_key``), and it is ``""`` (nothing checked) when the
+    launcher gives none.  A requeued SLURM job or a restarted torchrun attempt gets a
+    run id of its own (``.r<N>``), so it never writes into the finished attempt.
+    """
+    given = validate_run_id(cfg.run_id) if cfg.run_id else ""
     if comm is not None:
-        return comm.bcast(new_run_id() if comm.Get_rank() == 0 else None, root=0)
-    if ident.size > 1:
-        if ident.launcher == "srun" and ident.job_id:
-            return validate_run_id(f"slurm-{ident.job_id}.{ident.step_id or 0}")
-        if ident.launcher == "torchrun":
-            rid = os.environ.get("TORCHELASTIC_RUN_ID", "")
-            if rid and rid != "none":
-                return validate_run_id(f"torchrun-{rid}"[:96])
-            # single-node torchrun: all local workers share the elastic agent as parent
-            return validate_run_id(f"torchrun-{os.getppid()}-{_proc_start(os.getppid())}")
-        raise RuntimeError("provhpc: cannot agree on a run id without MPI; set PROVHPC_RUN_ID")
-    return new_run_id()
+        mine = (given or new_run_id(), secrets.token_hex(16)) if comm.Get_rank() == 0 else None
+        rid, token = comm.bcast(mine, root=0)
+        return rid, token
+    if ident.size <= 1:
+        return given or new_run_id(), secrets.token_hex(16)
+    key = _job_key(ident)
+    if given:
+        return given, key
+    env = os.environ
+    if ident.launcher == "srun" and ident.job_id:
+        rid = f"slurm-{ident.job_id}.{ident.step_id or 0}{_attempt('SLURM_RESTART_COUNT')}"
+        return validate_run_id(rid), key
+    if ident.launcher == "torchrun":
+        trid = env.get("TORCHELASTIC_RUN_ID", "")
+        if not (trid and trid != "none"):  # single-node torchrun: the workers' common parent
+            trid = f"{os.getppid()}-{_proc_start(os.getppid())}"
+        suffix = _attempt("TORCHELASTIC_RESTART_COUNT")
+        return validate_run_id(f"torchrun-{trid}"[:96 - len(suffix)] + suffix), key
+    raise RuntimeError("provhpc: cannot agree on a run id without MPI; set PROVHPC_RUN_ID")
+
+
+def _attempt(var: str) -> str:
+    """``.r<N>`` for the N-th restart of a job (``var`` counts them), else ``""``."""
+    n = os.environ.get(var, "")
+    return f".r{n}" if n.isdigit() and int(n) > 0 else ""
+
+
+def _job_key(ident) -> str:
+    """What every rank of one job shares without MPI: the launcher's identity of the job."""
+    env = os.environ
+    if ident.launcher == "srun" and ident.job_id:
+        return (f"srun:{ident.job_id}.{ident.step_id or 0}:"
+                f"{env.get('SLURM_RESTART_COUNT', '0')}")
+    if ident.launcher == "torchrun":
+        trid = env.get("TORCHELASTIC_RUN_ID", "")
+        if not (trid and trid != "none"):
+            trid = f"{os.getppid()}-{_proc_start(os.getppid())}"
+        return f"torchrun:{trid}:{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if ident.launcher == "openmpi" and env.get("PMIX_NAMESPACE"):
+        return f"openmpi:{env['PMIX_NAMESPACE']}"
+    if ident.launcher == "hydra" and env.get("PMI_PORT"):
+        return f"hydra:{env['PMI_PORT']}"
+    return ""
+
+
+def job_digest(token: str) -> str:
+    """The job token as it is written to files and hellos ("" for an unknown job)."""
+    return hashlib.sha256(b"provhpc-job\0" + token.encode()).hexdigest()[:32] if token else ""
+
+
+class RunIdInUse(ValueError):
+    """Another job already owns this run id; nothing of this job was started."""
+
+
+def _claim(path: str, doc: dict, mode: int) -> dict | None:
+    """Make ``path`` name this job (``doc["job"]``), or return the other job's claim there.
+
+    Created with O_EXCL, so of two jobs starting at once exactly one wins; a rank of the
+    same job that finds it being written reads it again.
+    """
+    other: dict = {"job": "?"}
+    for _ in range(200):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            try:
+                with open(path) as fh:
+                    other = json.load(fh)
+            except FileNotFoundError:  # removed meanwhile (a refused job undid its claim)
+                continue
+            except (OSError, ValueError):  # the winner is writing it: at most a moment
+                time.sleep(0.01)
+                continue
+            return None if other.get("job") == doc["job"] else other
+        with open(fd, "w") as fh:
+            json.dump(doc, fh)
+        return None
+    return other
+
+
+def _describe(other: dict) -> str:
+    parts = [f"launcher {other.get('launcher') or '?'}"]
+    if other.get("job_id"):
+        parts.append(f"job {other['job_id']}" + (f".{other['step_id']}" if other.get(
+            "step_id") not in (None, "") else ""))
+    if other.get("host"):
+        parts.append(f"host {other['host']} pid {other.get('pid', '?')}")
+    if other.get("start"):
+        parts.append("started " + time.strftime("%Y-%m-%d %H:%M:%S",
+                                                time.localtime(other["start"] / 1e9)))
+    return ", ".join(parts)
+
+
+def claim_run_dir(run_dir: str, run_id: str, doc: dict, mode: int) -> None:
+    """Make ``run_dir/job.json`` this job's, or refuse: a run directory in use or finished
+    is never written into by another job (its manifest is never replaced)."""
+    hint = ("nothing was started; choose another run id (PROVHPC_RUN_ID), or unset it "
+            "for a fresh one")
+    claim = os.path.join(run_dir, "job.json")
+    manifest = os.path.join(run_dir, "manifest.json")
+    if not os.path.exists(claim) and os.path.exists(manifest):
+        raise RunIdInUse(f"run id {run_id!r} already has a run in {run_dir} (written before "
+                         f"job claims); {hint}")
+    other = _claim(claim, doc, mode)
+    if other is None:
+        return
+    status = "running or ended without a manifest"
+    with contextlib.suppress(OSError, ValueError):
+        with open(manifest) as fh:
+            status = "status " + str(json.load(fh).get("status"))
+    raise RunIdInUse(f"run id {run_id!r} is taken by another job in {run_dir} "
+                     f"({_describe(other)}; {status}); {hint}")
+
+
+def claim_rendezvous(ready: str, run_id: str, node: str, doc: dict) -> None:
+    """Make this node's runtime directory of the run this job's, or refuse (the same run id
+    in use by another job here, whatever its --out).  A claim whose job is gone (no live
+    claimant and no live aggregator on this host) is taken over."""
+    claim = os.path.join(os.path.dirname(ready), "job")
+    other: dict = {}
+    for _ in range(2):
+        found = _claim(claim, doc, 0o600)
+        if found is None:
+            return
+        other = found
+        if not _stale(other, doc, ready):
+            break
+        log.info("provhpc: taking over the stale runtime directory of run %s on node %s "
+                 "(its job is gone)", run_id, node)
+        for p in (claim, ready, ready + ".failed"):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    _refuse_rendezvous(other, run_id, node)
+
+
+def check_rendezvous_free(node_dir: str, run_id: str, node: str, doc: dict) -> None:
+    """Refuse now, before anything of this job is made, when another live job holds this
+    node's runtime directory of the run (``claim_rendezvous`` decides races later)."""
+    try:
+        with open(os.path.join(node_dir, "job")) as fh:
+            other = json.load(fh)
+    except (OSError, ValueError):
+        return
+    if other.get("job") != doc["job"] and not _stale(other, doc, os.path.join(node_dir,
+                                                                              "ready")):
+        _refuse_rendezvous(other, run_id, node)
+
+
+def _stale(other: dict, doc: dict, ready: str) -> bool:
+    return other.get("host") == doc["host"] and not _alive(other.get("pid")) \
+        and not _ready_pid_alive(ready)
+
+
+def _refuse_rendezvous(other: dict, run_id: str, node: str) -> None:
+    raise RunIdInUse(f"run id {run_id!r} is in use on node {node} by another job "
+                     f"({_describe(other)}); nothing was started; choose another run id "
+                     "(PROVHPC_RUN_ID), or unset it for a fresh one")
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ready_pid_alive(ready: str) -> bool:
+    try:
+        with open(ready) as fh:
+            return _alive(json.load(fh).get("pid"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _proc_start(pid: int) -> str:
@@ -186,14 +362,14 @@ def clean_env(environ=None) -> dict:
     return {k: v for k, v in environ.items() if not k.startswith(_ENV_STRIP)}
 
 
-def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta):
+def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta, job=""):
     fmode, dmode = run_modes(cfg.group_readable)
     os.makedirs(run_dir, mode=dmode, exist_ok=True)
     # The metadata (argv, cwd, git commit, packages) goes through an owner-only file beside
     # the ready file, never the command line, which every user can read in /proc.
     meta_file = os.path.join(os.path.dirname(ready) or run_dir, "meta.json")
     with open(os.open(meta_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-        json.dump(meta, fh)
+        json.dump({**meta, "_job": job} if job else meta, fh)  # _job: not stored
     logf = open(os.open(os.path.join(run_dir, f"{node}.aggregator.log"),
                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, fmode), "ab")
     env = {**clean_env(), **_config.to_environ(cfg)}
@@ -309,23 +485,40 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     ident = _identity.simulate(_identity.detect(), cfg.simulate_nodes)
     if comm is None:
         comm = _mpi_comm(ident)
-    rid = agree_run_id(cfg, ident, comm)
+    rid, token = agree_run(cfg, ident, comm)
+    job = job_digest(token)
     nodes = sorted(set(comm.allgather(ident.node))) if comm is not None else [ident.node]
     run_dir = os.path.join(os.path.abspath(cfg.out), rid)
+    doc = {"job": job, "run_id": rid, "launcher": ident.launcher, "job_id": ident.job_id,
+           "step_id": ident.step_id, "host": ident.host, "pid": os.getpid(),
+           "start": time.time_ns()}
+    if not cfg.connect and job:  # another live job with this run id on this node
+        check_rendezvous_free(os.path.join(runtime_base(cfg), rid, ident.node), rid,
+                              ident.node, doc)
     if not cfg.connect:  # refused here, before the program runs, not found out at its end
-        check_output(run_dir, run_modes(cfg.group_readable)[1])
+        fmode, dmode = run_modes(cfg.group_readable)
+        check_output(run_dir, dmode)
+        if job:
+            claim_run_dir(run_dir, rid, doc, fmode)
+    elif job:
+        pass  # no shared run directory here: the remote aggregator checks the hello
+    elif ident.is_leader:
+        log.warning("provhpc: no MPI and no job identity from launcher %s: a second job given "
+                    "run id %s would not be told apart from this one", ident.launcher, rid)
     usable = True
     if cfg.connect:  # no aggregator on this host: send inline to a remote one over CURVE
         endpoint, ready = cfg.connect, ""
     else:
         endpoint, ready = rendezvous(cfg, rid, ident.node, warn=ident.is_leader)
+        if job:
+            claim_rendezvous(ready, rid, ident.node, doc)
     meta = run_meta(ident, cfg, argv)
     proc = None
     if usable and not cfg.connect and ident.is_leader and not cfg.external_aggregator \
             and not os.path.exists(ready):
         try:
             proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
-                                    ident.local_size, meta)
+                                    ident.local_size, meta, job)
         except OSError as exc:  # a read-only or full output file system: run without one
             log.warning("provhpc: cannot start the aggregator of node %s: %s", ident.node, exc)
             usable = False
@@ -342,7 +535,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
                     "in the segment for `provhpc recover %s`", ident.rank, ident.node,
                     cfg.startup_timeout, run_dir)
     seg_path = os.path.join(shm_dir(), segment_name(rid, ident.node, ident.rank, os.getpid()))
-    agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready)
+    agent = Agent(cfg, ident, rid, endpoint, seg_path, ready_path=ready, job=job)
     api.set_agent(agent)
     _session = Session(cfg, ident, rid, run_dir, agent, proc, comm)
     _session.nodes = nodes
@@ -399,8 +592,9 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
     if s.ident.rank == 0:
         _write_manifest(s, None, start=False, status=status, exit_code=exit_code)
     if s.ident.is_leader and s.ready:  # nothing of the run stays in the runtime directory
-        with contextlib.suppress(OSError):
-            os.unlink(s.ready + ".failed")
+        for p in (s.ready + ".failed", os.path.join(os.path.dirname(s.ready), "job")):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
         remove_rendezvous_dirs(s.ready, s.run_id, s.ident.node)
     return ok
 

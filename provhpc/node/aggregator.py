@@ -62,8 +62,10 @@ class Stream:
 
 class Aggregator:
     def __init__(self, cfg, run_id: str, node: str, out: str, endpoint: str, ready_path: str,
-                 expect: int = 0, linger: float = 30.0, meta: dict | None = None):
+                 expect: int = 0, linger: float = 30.0, meta: dict | None = None,
+                 job: str = ""):
         self.cfg, self.run_id, self.node = cfg, run_id, node
+        self.job = job  # the digest of the job that started it ("" = any rank of the run id)
         self.out, self.endpoint, self.ready_path = out, endpoint, ready_path
         self.expect, self.linger = expect, linger
         self.meta = meta or {}
@@ -210,7 +212,7 @@ class Aggregator:
         tmp = f"{self.ready_path}.{os.getpid()}.tmp"
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
             json.dump({"pid": os.getpid(), "endpoint": self.endpoint, "path": self.path,
-                       "listen": self.listen}, fh)
+                       "listen": self.listen, "job": self.job}, fh)
         os.replace(tmp, self.ready_path)
 
     def _cleanup_rendezvous(self) -> None:
@@ -337,6 +339,16 @@ class Aggregator:
             return self._refuse(sock, key, f"pid {pid} ended; its segment was salvaged")
         if hello.get("run_id") != self.run_id:
             return self._refuse(sock, key, f"run id {hello.get('run_id')!r} is not {self.run_id!r}")
+        if self.job:  # the same run id given to another job: never merged into this one
+            theirs = (hello.get("launcher"), hello.get("job_id"))
+            ours = (self.meta.get("launcher"), self.meta.get("job_id"))
+            if theirs != ours:
+                return self._refuse(sock, key, f"rank {rank} belongs to another job "
+                                    f"(launcher {theirs[0]!r}, job {theirs[1]!r}; this "
+                                    f"aggregator serves launcher {ours[0]!r}, job {ours[1]!r})")
+            if hello.get("job") != self.job:
+                return self._refuse(sock, key, f"rank {rank} belongs to another job with "
+                                    f"run id {self.run_id!r} (its job secret differs)")
         old = self.streams.get(key)
         if old is not None and not old.closed:
             return self._malformed(sock, key, "second hello on an open stream")
