@@ -623,11 +623,12 @@ __all__ = ["Agent", "ACTIVITY_START", "ACTIVITY_END"]
 
 
 def start_worker_agent(cfg: Any, ident: Any, run_id: str, endpoint: str,
-                       job: str = "") -> Agent:
-    """The agent of a forked child: its own segment and ids, same rank, role 'worker'."""
+                       job: str = "", role: str = "worker") -> Agent:
+    """The agent of a forked (role ``worker``) or attached (``child``) process of a rank:
+    its own segment and ids, the same rank."""
     pid = os.getpid()
     seg_path = os.path.join(shm_dir(), segment_name(run_id, ident.node, ident.rank, pid))
-    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role="worker",
+    agent = Agent(cfg, ident, run_id, endpoint, seg_path, id_base=pid << 32, role=role,
                   job=job)
     atexit.register(agent.shutdown)
     return agent

@@ -26,8 +26,9 @@ from ..format import records as R
 from .agent import Agent, start_worker_agent
 
 __all__ = [
-    "CURRENT", "Activity", "Entity", "attribute", "check_name", "data", "epoch", "file_hash",
-    "generated", "get_agent", "hyperparameters", "metric", "set_agent", "stage", "task", "used"
+    "CURRENT", "Activity", "Entity", "attach_child", "attribute", "check_name", "child_pending",
+    "data", "epoch", "file_hash", "generated", "get_agent", "hyperparameters", "metric",
+    "set_agent", "stage", "task", "used"
 ]
 
 _agent = None  # the process's Agent, set by provhpc.init()
@@ -688,18 +689,36 @@ def epoch(i: Any = None, used: Any = None, **params: Any) -> Any:
 # ---------------------------------------------------------------------- fork safety
 def _after_fork_in_child() -> None:
     """A forked child (DataLoader worker) gets its own agent on first use."""
-    global _agent, _fork_info
+    global _agent, _fork_info, _child_role
     if _agent is not None:
         parent = _agent
         _fork_info = (parent.cfg, parent.ident, parent.run_id, parent.endpoint, parent.job)
         _agent = None
+        _child_role = "worker"
+
+
+_child_role = "worker"  # a forked child; "child" for a process that joined through its env
+
+
+def attach_child(info: tuple[Any, ...], parent: int) -> None:
+    """A Python process started below a rank (a wrapper script's interpreter, a spawn
+    child) starts its own agent, role ``child``, on its first record; its activities are
+    under ``parent`` (the rank's run activity)."""
+    global _fork_info, _child_role
+    _fork_info, _child_role = info, "child"
+    CURRENT.set(parent)
+
+
+def child_pending() -> bool:
+    """A child agent will start on the first record (forked or attached)."""
+    return _fork_info is not None
 
 
 def _start_child_agent() -> Agent:
     global _agent, _fork_info
     info, _fork_info = _fork_info, None
     assert info is not None  # only called while a forked child has no agent yet
-    _agent = start_worker_agent(*info)
+    _agent = start_worker_agent(*info, role=_child_role)
     return _agent
 
 

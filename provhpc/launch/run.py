@@ -9,8 +9,10 @@ hangs the job.  SIGTERM (a SLURM time limit) unwinds the program as
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,24 +20,30 @@ import traceback
 
 from . import session as _session
 
-__all__ = ["PYTHON_FLAGS_WITHOUT_VALUE", "run", "split_python"]
+__all__ = ["PYTHONPATH_FREE_FLAGS", "is_this_interpreter", "program_of", "run", "split_python"]
 
-PYTHON_FLAGS_WITHOUT_VALUE = {"-u", "-B", "-O", "-OO", "-s", "-S", "-E", "-I", "-q"}
+# interpreter flags a program run in this process does not miss (anything else, such as
+# -X or -W, runs the interpreter as a child, as asked)
+PYTHONPATH_FREE_FLAGS = {"-u", "-B", "-q"}
 
 
 def split_python(cmd: list[str]):
-    """(mode, target, argv) for a Python command line, or None for anything else."""
+    """(mode, target, argv) when ``cmd`` runs Python in this very interpreter, else None.
+
+    ``script.py ...`` and ``python[3] [flags] script.py|-m mod|-c code`` where ``python``
+    is this interpreter (the same file in the same directory: the same environment) run in
+    this process.  Anything else (another interpreter, a shell script, an interpreter flag
+    this process cannot take over) runs as it is asked, as a child: ``None``.
+    """
     if not cmd:
         raise ValueError("provhpc run: no command given (use: provhpc run -- python script.py)")
     args = list(cmd)
-    exe = os.path.basename(args[0])
     if args[0].endswith(".py"):
         return "path", args[0], args
-    if not (exe.startswith("python")
-            or os.path.realpath(args[0]) == os.path.realpath(sys.executable)):
+    if not is_this_interpreter(args[0]):
         return None
     args = args[1:]
-    while args and args[0] in PYTHON_FLAGS_WITHOUT_VALUE:
+    while args and args[0] in PYTHONPATH_FREE_FLAGS:
         args = args[1:]
     if not args:
         raise ValueError("provhpc run: no script given to python")
@@ -44,8 +52,40 @@ def split_python(cmd: list[str]):
     if args[0] == "-c" and len(args) > 1:
         return "code", args[1], ["-c"] + args[2:]
     if args[0].startswith("-"):
-        raise ValueError(f"provhpc run: unsupported python option {args[0]!r}")
+        return None  # an option of the interpreter's own: the interpreter runs, as asked
     return "path", args[0], args
+
+
+def is_this_interpreter(exe: str) -> bool:
+    """Is ``exe`` (a name on PATH or a path) the interpreter running provhpc?
+
+    The same binary is not enough: a venv's ``bin/python`` links to the system one, and
+    ``/usr/bin/python3`` must not run with the venv's packages.  It must be the same file
+    in the same directory as ``sys.executable``."""
+    if not os.path.basename(exe).startswith("python"):
+        return False
+    path = exe if os.sep in exe else shutil.which(exe)
+    if not path or not sys.executable:
+        return False
+    here = os.path.abspath(sys.executable)
+    path = os.path.abspath(path)
+    try:
+        return os.path.dirname(path) == os.path.dirname(here) and os.path.samefile(path, here)
+    except OSError:
+        return False
+
+
+def program_of(cmd: list[str], parsed) -> dict:
+    """What ran, as recorded: mode (script, module, code, command), program, interpreter."""
+    if parsed is None:
+        exe = cmd[0] if os.sep in cmd[0] else (shutil.which(cmd[0]) or cmd[0])
+        return {"mode": "command", "program": os.path.abspath(exe) if os.path.exists(exe)
+                else exe, "interpreter": ""}
+    mode, target, _ = parsed
+    program = os.path.abspath(target) if mode == "path" else target if mode == "module" \
+        else "-c"
+    return {"mode": {"path": "script"}.get(mode, mode), "program": program,
+            "interpreter": os.path.abspath(sys.executable)}
 
 
 def _run_python(mode: str, target: str, argv: list[str]) -> None:
@@ -65,11 +105,25 @@ def _on_sigterm(signum, _frame):
     raise SystemExit(128 + signum)
 
 
+def _after_fork_in_child() -> None:
+    """A child the program forks is the program's, not the wrapper's: SIGTERM kills it as it
+    would without capture, and its signals no longer wake the parent's agent."""
+    with contextlib.suppress(ValueError):  # forked from a thread other than the main one
+        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+
+
 def run(cmd: list[str], out=None) -> int:
     parsed = split_python(cmd)
-    s = _session.init(out=out, argv=cmd[1:] if parsed and parsed[0] != "path" else cmd)
+    # A command of its own may be the MPI process itself (`srun provhpc run -- ./train.sh`):
+    # the wrapper then never starts MPI, and agrees on the run id from the launcher's job.
+    s = _session.init(out=out, argv=cmd, program=program_of(cmd, parsed),
+                      use_mpi=parsed is not None)
     if parsed is None:
         return _run_subprocess(cmd, s)
+    main_pid = os.getpid()
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if s is not None:
         # A rank blocked in C (an MPI collective) never runs the handler above: the signal
@@ -94,6 +148,10 @@ def run(cmd: list[str], out=None) -> int:
         status, code, error = "error", 1, exc
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.getpid() != main_pid:
+        # A child the program forked ended (``sys.exit`` in an ``os.fork`` child): its exit
+        # code is the program's, as without capture; the run is the parent's to end.
+        return code
     if s is not None:
         signal.set_wakeup_fd(-1)  # before shutdown closes the pipe
         _session.shutdown(status, code, error)
@@ -103,7 +161,11 @@ def run(cmd: list[str], out=None) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-        if code and s.comm is not None and s.comm.Get_size() > 1 and status != "terminated":
+        if code and error is not None and not isinstance(error, SystemExit) \
+                and s.comm is not None and s.comm.Get_size() > 1:
+            # An uncaught exception: the other ranks may wait for this one in a collective
+            # forever.  An explicit sys.exit(n) is the program's own ending, as without
+            # capture (every rank may be ending the same way).
             print(f"provhpc: rank {s.ident.rank} failed (exit {code}); aborting the job",
                   file=sys.stderr, flush=True)
             s.comm.Abort(code)
@@ -111,8 +173,19 @@ def run(cmd: list[str], out=None) -> int:
 
 
 def _run_subprocess(cmd: list[str], s) -> int:
-    """A non-Python command: run it as a child; the wrapper records its run activity."""
-    proc = subprocess.Popen(cmd)
+    """A command of its own (another interpreter, a shell script): run it as a child, as
+    asked.  The wrapper records the run; every Python process below it that imports
+    provhpc joins the run through the environment (``session.ATTACH_ENV``)."""
+    try:
+        # close_fds=False: the child gets what it would get without the wrapper, the
+        # launcher's PMI descriptor (PMI_FD) included, so it can be the MPI process
+        proc = subprocess.Popen(cmd, close_fds=False)
+    except OSError as exc:  # as a shell says it: 127 not found, 126 not executable
+        print(f"provhpc run: cannot run {cmd[0]}: {exc.strerror or exc}", file=sys.stderr)
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        if s is not None:
+            _session.shutdown("error", code)
+        return code
     signal.signal(signal.SIGTERM, lambda n, f: proc.send_signal(n))
     code = proc.wait()
     if s is not None:

@@ -32,10 +32,11 @@ from . import environment as _environment
 from . import identity as _identity
 
 __all__ = [
-    "MIN_FREE", "OutputRefused", "RUN_ID_RE", "RunIdInUse", "Session", "agree_run",
-    "agree_run_id", "check_output", "claim_rendezvous", "claim_run_dir", "clean_env",
-    "job_digest", "current", "init", "new_run_id", "on_shutdown", "rendezvous", "run_meta",
-    "runtime_base", "shutdown", "spawn_aggregator", "validate_run_id", "wait_ready"
+    "ATTACH_ENV", "MIN_FREE", "OutputRefused", "RUN_ID_RE", "RunIdInUse", "Session",
+    "agree_run", "agree_run_id", "attach_from_environ", "check_output", "claim_rendezvous",
+    "claim_run_dir", "clean_env", "current", "init", "job_digest", "new_run_id",
+    "on_shutdown", "rendezvous", "run_meta", "runtime_base", "shutdown", "spawn_aggregator",
+    "validate_run_id", "wait_ready"
 ]
 
 log = logging.getLogger("provhpc")
@@ -75,9 +76,17 @@ def _mpi_comm(ident):
     if ident.size <= 1 or ident.launcher not in ("hydra", "openmpi", "srun"):
         return None
     try:
-        from mpi4py import MPI
+        import mpi4py
     except ImportError:
         return None
+    if "mpi4py.MPI" not in sys.modules:
+        # MPI is started here for the run-id broadcast; mpi4py would register MPI_Finalize
+        # for every process that exits, forked children (DataLoader workers) included, which
+        # changes their exit status.  Only this process finalizes, once, at its exit.
+        mpi4py.rc.finalize = False
+        atexit.register(_finalize_mpi, os.getpid())
+    from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     if comm.Get_size() != ident.size:
         log.warning("provhpc: the launcher says %d ranks but MPI sees %d (a launcher/MPI "
@@ -85,6 +94,15 @@ def _mpi_comm(ident):
                     comm.Get_size())
         return None
     return comm
+
+
+def _finalize_mpi(pid: int) -> None:
+    """MPI_Finalize at the exit of the process that started MPI, never of a forked child."""
+    if os.getpid() != pid:
+        return
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
 
 
 def agree_run_id(cfg, ident, comm) -> str:
@@ -121,7 +139,15 @@ def agree_run(cfg, ident, comm) -> tuple[str, str]:
             trid = f"{os.getppid()}-{_proc_start(os.getppid())}"
         suffix = _attempt("TORCHELASTIC_RESTART_COUNT")
         return validate_run_id(f"torchrun-{trid}"[:96 - len(suffix)] + suffix), key
-    raise RuntimeError("provhpc: cannot agree on a run id without MPI; set PROVHPC_RUN_ID")
+    if key.startswith("openmpi:"):  # Open MPI's job namespace, the same on every node
+        return validate_run_id(re.sub(r"[^A-Za-z0-9._-]", "-", f"ompi-{key[8:]}")[:96]), key
+    if ident.launcher == "hydra" and ident.local_size == ident.size:
+        # one node: every rank is a child of the same hydra proxy
+        proxy = os.getppid()
+        key = f"hydra:{proxy}-{_proc_start(proxy)}"
+        return validate_run_id(f"hydra-{proxy}-{_proc_start(proxy)}"), key
+    raise RuntimeError(f"provhpc: cannot agree on a run id across the nodes of this "
+                       f"{ident.launcher} job without MPI; set PROVHPC_RUN_ID")
 
 
 def _attempt(var: str) -> str:
@@ -145,6 +171,9 @@ def _job_key(ident) -> str:
         return f"openmpi:{env['PMIX_NAMESPACE']}"
     if ident.launcher == "hydra" and env.get("PMI_PORT"):
         return f"hydra:{env['PMI_PORT']}"
+    if ident.launcher == "hydra" and ident.local_size == ident.size:
+        proxy = os.getppid()
+        return f"hydra:{proxy}-{_proc_start(proxy)}"
     return ""
 
 
@@ -470,7 +499,8 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | None:
+def init(out=None, run_id=None, comm=None, argv=None, program=None, use_mpi=True,
+         **settings) -> Session | None:
     """Start capture in this process (what ``provhpc run`` does before user code).
 
     Returns the session, or None when capture is disabled.  Safe to call once;
@@ -483,7 +513,7 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     if not cfg.enabled:
         return None
     ident = _identity.simulate(_identity.detect(), cfg.simulate_nodes)
-    if comm is None:
+    if comm is None and use_mpi:  # never in a wrapper: its child may be the MPI process
         comm = _mpi_comm(ident)
     rid, token = agree_run(cfg, ident, comm)
     job = job_digest(token)
@@ -543,16 +573,76 @@ def init(out=None, run_id=None, comm=None, argv=None, **settings) -> Session | N
     if ident.rank == 0:
         _write_manifest(_session, meta, start=True)
     api.CURRENT.set(0)  # the run is the root, whatever an earlier session left open
-    act = api.Activity("run", os.path.basename((argv or sys.argv or ["python"])[0]) or "run")
+    program = program or {"mode": "script" if sys.argv and sys.argv[0].endswith(".py")
+                          else "embedded", "program": os.path.abspath(sys.argv[0])
+                          if sys.argv and sys.argv[0] else "", "interpreter": sys.executable}
+    name = program["program"] if program["mode"] in ("module", "code") else \
+        os.path.basename(program["program"])
+    act = api.Activity("run", ("python -c" if name == "-c" else name) or "run")
     _session.run_activity = act.start()
     act.attributes(rank=ident.rank, node=ident.node, host=ident.host, launcher=ident.launcher,
                    job_id=ident.job_id, local_rank=ident.local_rank, world_size=ident.size,
-                   gpu=ident.gpu, pid=os.getpid())
+                   gpu=ident.gpu, pid=os.getpid(), **program)
+    _export_attach(_session)
     atexit.register(shutdown)
     return _session
 
 
 _before_shutdown: list = []
+
+
+#: the environment variable through which a Python process started below ``provhpc run``
+#: (a wrapper's ``python train.py``, a multiprocessing spawn child) joins the run
+ATTACH_ENV = "PROVHPC_ATTACH"
+_BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot")
+_saved_env: dict = {}
+
+
+def _export_attach(s: Session) -> None:
+    """Let every Python process started from here join the run as a ``child`` of this rank:
+    what it needs goes into the environment, and ``_boot/sitecustomize.py`` on PYTHONPATH
+    says on stderr, before that process's program runs, when it cannot import provhpc."""
+    doc = {"run_id": s.run_id, "endpoint": s.agent.endpoint, "job": s.agent.job,
+           "ident": s.ident.to_dict(), "config": s.cfg.to_dict(), "pid": os.getpid(),
+           "parent": s.run_activity.id if s.run_activity is not None else 0}
+    _saved_env.update({k: os.environ.get(k) for k in (ATTACH_ENV, "PYTHONPATH")})
+    os.environ[ATTACH_ENV] = json.dumps(doc)
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = _BOOT + (os.pathsep + pythonpath if pythonpath else "")
+
+
+def _restore_env() -> None:
+    for k, v in _saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _saved_env.clear()
+
+
+def attach_from_environ(environ=None) -> bool:
+    """In a Python process started below ``provhpc run``: join its run (lazily, on the first
+    record, with an agent of its own, role ``child``).  True when it will."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ATTACH_ENV)
+    if not raw or api.get_agent(start_child=False) is not None or api.child_pending():
+        return False
+    try:
+        doc = json.loads(raw)
+        if doc.get("pid") == os.getpid():
+            return False  # the rank that exported it
+        cfg = _config.load(environ={k: v for k, v in environ.items()
+                                    if not k.startswith("PROVHPC_")}, **doc["config"])
+        if not cfg.enabled:
+            return False
+        ident = _identity.Identity(**doc["ident"])
+        api.attach_child((cfg, ident, str(doc["run_id"]), str(doc["endpoint"]),
+                          str(doc.get("job", ""))), int(doc.get("parent", 0)))
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("provhpc: cannot join the run from %s (%s); this process is not "
+                    "captured", ATTACH_ENV, exc)
+        return False
+    return True
 
 
 def on_shutdown(fn) -> None:
@@ -574,6 +664,7 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
             log.exception("provhpc: a shutdown hook failed")
     _before_shutdown.clear()
     s.closed = True
+    _restore_env()
     agent = s.agent
     agent.end_open_activities(keep=s.run_activity.id if s.run_activity is not None else 0)
     if s.run_activity is not None:
@@ -632,3 +723,6 @@ def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=N
         log.warning("provhpc: cannot write %s: %s", path, exc)
         with contextlib.suppress(OSError):  # a full disk leaves no half-written copy
             os.unlink(path + ".tmp")
+
+
+attach_from_environ()  # a no-op unless this process was started below `provhpc run`

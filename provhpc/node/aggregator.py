@@ -10,6 +10,7 @@ production (``provhpc aggregate``); sockets and files are created in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -223,6 +224,9 @@ class Aggregator:
                 except OSError:
                     pass
         if self.ready_path:  # the node's directory, then the run's once no other node is in it
+            if self.job:  # this job's claim of the directory (launch.session.claim_rendezvous)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(os.path.dirname(self.ready_path), "job"))
             remove_rendezvous_dirs(self.ready_path, self.run_id, self.node)
 
     # ------------------------------------------------------------------ main loop
