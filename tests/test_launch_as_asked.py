@@ -174,7 +174,8 @@ def test_under_mpiexec_the_wrapper_s_child_is_the_mpi_process(venv_bin, env, tmp
     (tmp_path / "mpitrain.py").write_text(
         "from mpi4py import MPI\nimport provhpc\nc = MPI.COMM_WORLD\n"
         "provhpc.metric('r', float(c.Get_rank()), step=0)\n"
-        "print('size', c.Get_size(), 'sum', c.allreduce(c.Get_rank()), flush=True)\n")
+        "import os\n"  # one write per line: the ranks' lines may interleave otherwise
+        "os.write(1, f'size {c.Get_size()} sum {c.allreduce(c.Get_rank())}\\n'.encode())\n")
     wrapper = tmp_path / "train.sh"
     wrapper.write_text(f"#!/bin/sh\nexec {os.path.join(venv_bin, 'python')} mpitrain.py\n")
     wrapper.chmod(0o755)
