@@ -92,7 +92,7 @@ class Aggregator:
         self._mark: tuple | None = None
         self.stopped_writing = ""
         self.write_lost = 0
-        self._reserve = ""  # the file holding DISK_RESERVE bytes (see _take_reserve)
+        self._reserves: list[str] = []  # files of DISK_RESERVE bytes each (_take_reserve)
         if self.listen:  # never an unauthenticated network port: refuse to start instead
             if not cfg.key_file:
                 raise ValueError(f"provhpc: PROVHPC_LISTEN={self.listen} needs PROVHPC_KEY_FILE "
@@ -544,26 +544,33 @@ class Aggregator:
         return False
 
     def _take_reserve(self) -> None:
-        """Hold DISK_RESERVE bytes in a file beside the partition: when another process
-        fills the file system, giving them back lets the rollback and the close finish."""
-        self._reserve = os.path.join(os.path.dirname(self.path),
-                                     f".{os.path.basename(self.path)}.reserve")
-        try:
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Hold two files of DISK_RESERVE bytes beside the partition.  When another process
+        fills the file system, the first is given back when writing stops (the rollback and
+        the ranks' last rows), the second only for the close, so a filler still writing
+        meanwhile cannot take what the close needs."""
+        for i in range(2):
+            path = os.path.join(os.path.dirname(self.path),
+                                f".{os.path.basename(self.path)}.{i}.reserve")
+            self._reserves.append(path)
             try:
-                os.posix_fallocate(fd, 0, DISK_RESERVE)
-            finally:
-                os.close(fd)
-        except OSError:
-            self._give_reserve()
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, DISK_RESERVE)
+                finally:
+                    os.close(fd)
+            except OSError:
+                self._give_reserve(every=True)
+                return
 
-    def _give_reserve(self) -> None:
-        path, self._reserve = self._reserve, ""
-        if path:
+    def _give_reserve(self, every: bool = False) -> None:
+        while self._reserves:
+            path = self._reserves.pop(0)
             try:
                 os.unlink(path)
             except OSError:
                 pass
+            if not every:
+                return
 
     def _stop_writing(self, why: str) -> None:
         if not self.stopped_writing:
@@ -718,7 +725,7 @@ class Aggregator:
     def _finish(self) -> None:
         if self._writer is None:
             return
-        self._give_reserve()
+        self._give_reserve(every=True)
         self._commit()
         self._sweep_orphans()
         for s in self.streams.values():
