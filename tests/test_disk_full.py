@@ -47,13 +47,13 @@ with provhpc.task("train"):
     for i in range(n):
         provhpc.metric("x", float(i), step=i)
         if fill != "-" and rank == 0 and i == n // 3:
-            with open(fill, "wb") as fh:
-                try:
+            try:  # the close at the end of the with flushes again, and fails too
+                with open(fill, "wb") as fh:
                     while True:
                         fh.write(b"\0" * 65536)
                         fh.flush()
-                except OSError:
-                    pass
+            except OSError:
+                pass
 '''
 
 LINE = "records of this node are no longer stored"
