@@ -81,12 +81,19 @@ def parse_ranks(text):
     if text is None:
         return None
     out = []
-    for part in text.split(","):
-        if "-" in part.strip()[1:]:
-            lo, hi = part.split("-", 1)
-            out += list(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise ValueError
+                out += list(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"bad --rank {text!r}: expected ranks such as 0,2,4-7") from None
+    if not out:
+        raise ValueError(f"bad --rank {text!r}: expected ranks such as 0,2,4-7")
     return out
 
 

@@ -105,6 +105,11 @@ def _query_table(args, comm) -> int:
         print(dump({"rows": rows, "count": len(rows), "partition_errors": errors}))
     else:
         cols = args.columns.split(",") if args.columns else None
+        names = rows.dtype.names or ()
+        bad = [c for c in cols or () if c not in names]
+        if bad:
+            raise ValueError(f"--columns: no column {', '.join(map(repr, bad))} in "
+                             f"{args.what}; its columns: {', '.join(names)}")
         print(format_table(rows, cols, args.limit, origin))
         print(f"{len(rows)} rows")
     for err in errors.values():

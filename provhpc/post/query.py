@@ -20,7 +20,8 @@ import numpy as np
 
 from .tables import DTYPES, as_table, pair_keys
 
-__all__ = ["attributes_of", "compare", "iso", "parse_term", "parse_value", "select", "to_ns"]
+__all__ = ["attribute_keys", "attributes_of", "compare", "iso", "parse_term", "parse_value",
+           "select", "to_ns"]
 
 _OWNER = {"tasks": "id", "entities": "id", "metrics": "activity", "attributes": "owner",
           "relations": "subject"}
@@ -51,6 +52,11 @@ def parse_term(term: str):
         raise ValueError(f"bad comparison {term!r}: expected KEY OP VALUE, OP one of "
                          "== != > >= < <= ~")
     key, op, value = m.groups()
+    if value[:1] in ("=", "<", ">", "!", "~"):  # 'value>>0.8', 'lr=>0.1': a typo, not a value
+        raise ValueError(f"bad comparison {term!r}: the value {value!r} starts with an "
+                         "operator; expected KEY OP VALUE, OP one of == != > >= < <= ~")
+    if not value:
+        raise ValueError(f"bad comparison {term!r}: no value after {op!r}")
     return key, "==" if op == "=" else op, parse_value(value)
 
 
@@ -97,7 +103,11 @@ def to_ns(when, origin_ns: int) -> int:
         return origin_ns + int(float(text) * 1e9)
     except ValueError:
         pass
-    dt = _dt.datetime.fromisoformat(text)
+    try:
+        dt = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"bad time {text!r}: expected seconds from the run's start or an "
+                         "ISO-8601 date-time (2026-12-06T10:00:00)") from None
     if dt.tzinfo is None:
         dt = dt.astimezone()
     return int(dt.timestamp() * 1e9)
@@ -135,12 +145,40 @@ def select(source, table: str = "tasks", *, kind=None, name=None, rank=None, nod
     """Rows of ``table`` over a run or a collection, filtered; a ``Table``."""
     if table not in DTYPES:
         raise ValueError(f"unknown table {table!r}; expected one of {', '.join(DTYPES)}")
+    where = [parse_term(t) if isinstance(t, str) else t for t in where]
+    _check_where_keys(source, table, where)
     parts = [_select_run(run, table, kind, name, rank, node, since, until, where, status)
              for run in _runs(source)]
     parts = [p for p in parts if len(p)]
     if not parts:
         return as_table(np.zeros(0, DTYPES[table]))
     return as_table(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
+
+def attribute_keys(source) -> list[str]:
+    """Every attribute key of a run or a collection, sorted."""
+    keys: set = set()
+    for run in _runs(source):
+        keys.update(np.unique(np.asarray(_columns(run, "attributes").column("key"),
+                                         object).astype(str)).tolist())
+    return sorted(keys)
+
+
+def _check_where_keys(source, table: str, where) -> None:
+    """A ``where`` key that is neither a column nor any attribute key is a typo: an error
+    that lists what exists, never an answer of no rows."""
+    names = DTYPES[table].names or ()
+    unknown = [k for k, _, _ in where if k not in names]
+    if not unknown:
+        return
+    keys = attribute_keys(source)
+    for key in unknown:
+        if key not in keys:
+            shown = ", ".join(keys[:30]) + (f" … ({len(keys)} in all)" if len(keys) > 30
+                                            else "")
+            raise ValueError(f"--where {key!r}: no column of {table} and no attribute of "
+                             f"that name; columns: {', '.join(names)}; attribute keys: "
+                             f"{shown or 'none'}")
 
 
 def _columns(run, table: str):

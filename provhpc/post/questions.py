@@ -17,8 +17,8 @@ from .query import attributes_of
 from .tables import as_table, field_names, pair_keys
 
 __all__ = [
-    "CODE_KINDS", "best", "capture_stats", "derivation", "epoch_metrics", "failures",
-    "hyperparameters_for", "lagging_ranks", "produced", "stage_times", "stragglers"
+    "CODE_KINDS", "best", "capture_stats", "check_metrics", "derivation", "epoch_metrics",
+    "failures", "hyperparameters_for", "lagging_ranks", "produced", "stage_times", "stragglers"
 ]
 
 CODE_KINDS = ("code", "script", "software", "source")
@@ -26,6 +26,18 @@ CODE_KINDS = ("code", "script", "software", "source")
 
 def _runs(source):
     return getattr(source, "runs", None) or [source]
+
+
+def check_metrics(source, names) -> None:
+    """Raise ValueError naming the known metrics when a name in ``names`` is in no run:
+    a typo is an error, never an empty answer."""
+    known: set = set()
+    for run in _runs(source):
+        known.update(np.unique(np.asarray(run.metrics()["name"], object).astype(str)).tolist())
+    for name in names or ():
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none (the run has no metrics)"
+            raise ValueError(f"unknown metric {name!r}; the metrics of this run: {listed}")
 
 
 # ---------------------------------------------------------------------- 1. produced
@@ -118,6 +130,7 @@ def epoch_metrics(run, names=None) -> np.ndarray:
     The epoch of a point is the index of its epoch activity; a point logged
     under another activity (a validate stage) with a step counts at that step.
     """
+    check_metrics(run, names)
     m = np.asarray(run.metrics())
     if names:
         m = m[np.isin(m["name"], list(names))]
@@ -168,6 +181,9 @@ def lagging_ranks(run, metric="epoch_loss", higher_is_better=False, tolerance=0.
 # ---------------------------------------------------------------------- 4. best across runs
 def best(collection, metric="val_accuracy", mode="max") -> list:
     """For each run: its best ``metric`` and the hyperparameters that produced it, best first."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"bad mode {mode!r}: expected max or min")
+    check_metrics(collection, [metric])
     rows = []
     for run in _runs(collection):
         m = np.asarray(run.metrics())
