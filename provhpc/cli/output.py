@@ -125,9 +125,15 @@ def format_summary(s: dict) -> str:
                      f"{r['records']:>9} " + " ".join(f"{by.get(k, 0):>7}" for k in kinds)
                      + f" {r['dropped']:>8} {r['salvaged']:>8}")
     for p in s["partitions"]:
-        if not p["complete"]:
-            lines.append(f"warning: partition {p['path']} is not marked complete "
-                         "(run `provhpc recover`)")
+        if p["complete"]:
+            continue
+        if p.get("live"):
+            lines.append(f"live: partition {p['path']} is being written (its aggregator "
+                         f"wrote it {p['idle_s']:.0f} s ago)")
+        else:
+            lines.append(f"warning: partition {p['path']} is not marked complete and "
+                         f"nothing wrote it for {p.get('idle_s', 0):.0f} s: if the job has "
+                         f"ended, run `provhpc recover {s['path']}`")
     for err in s["partition_errors"].values():
         lines.append(f"error: {err}")
     return "\n".join(lines)

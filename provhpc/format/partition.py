@@ -20,7 +20,8 @@ from .records import RECORD_DTYPE, SCHEMA_VERSION
 
 __all__ = [
     "BATCH_DTYPE", "COUNTERS", "COUNTER_DTYPE", "DISK_RESERVE", "DROP_DTYPE", "LIBVER",
-    "PartitionWriter", "RANK_DTYPE", "RECORD_CHUNK", "SMAP_DTYPE", "STRING_DTYPE", "open_partition"
+    "TIME_COUNTERS", "PartitionWriter", "RANK_DTYPE", "RECORD_CHUNK", "SMAP_DTYPE",
+    "STRING_DTYPE", "open_partition"
 ]
 
 LIBVER = ("v110", "v110")  # readable by HDF5 1.10 tools; SWMR needs >= v110
@@ -42,7 +43,9 @@ BATCH_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("seq", "<u8"), ("start
 SMAP_DTYPE = np.dtype([("rank", "<i4"), ("pid", "<i8"), ("local", "<u4"), ("global", "<u4")])
 COUNTERS = ("records", "batches", "bytes", "strings", "malformed_frames", "sequence_gaps",
             "replayed_batches", "salvaged_records", "write_errors", "dropped_records",
-            "refused_hellos")
+            "refused_hellos", "heartbeat_ns")
+#: counters that are a time, not a count: merged and combined by max, never summed
+TIME_COUNTERS = ("heartbeat_ns",)
 
 RECORD_CHUNK = 16384
 DISK_RESERVE = 256 << 10  # bytes kept free for the rank table, counters and the close

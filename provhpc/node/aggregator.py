@@ -61,6 +61,9 @@ class Stream:
         self.last_seen = time.monotonic()
 
 
+BEAT_S = 2.0  # seconds between heartbeats written to the partition (see _beat)
+
+
 class Aggregator:
     def __init__(self, cfg, run_id: str, node: str, out: str, endpoint: str, ready_path: str,
                  expect: int = 0, linger: float = 30.0, meta: dict | None = None,
@@ -239,7 +242,7 @@ class Aggregator:
             poller.register(zap, zmq.POLLIN)
             socks.append(remote)
         tick = max(10, int(self.cfg.heartbeat * 1000))
-        last_check = time.monotonic()
+        last_check = last_beat = time.monotonic()
         idle_since = time.monotonic()
         next_sample = last_check + self.cfg.telemetry_interval
         while True:
@@ -261,6 +264,9 @@ class Aggregator:
             if now - last_check >= self.cfg.heartbeat:
                 last_check = now
                 self._check_liveness()
+            if now - last_beat >= BEAT_S:
+                last_beat = now
+                self._beat()
             if self.telemetry is not None and now >= next_sample:
                 next_sample = now + self.cfg.telemetry_interval
                 self._sample_telemetry([s for s in self.streams.values() if not s.closed])
@@ -268,6 +274,19 @@ class Aggregator:
                 self._drain_deadline = now + min(3.0, self.cfg.shutdown_timeout)
             if self._done(now, idle_since):
                 return
+
+    def _beat(self) -> None:
+        """Say, in the partition, that this aggregator lives and what each running rank has
+        stored so far: a reader on any host tells a live run from a dead one by the
+        ``heartbeat_ns`` counter, and the rank table's ``records`` are right while the job
+        runs (not 0 until the goodbye)."""
+        if self._writer is None or self.stopped_writing:
+            return
+        for s in self.streams.values():
+            if not s.closed:
+                self._writer.upsert_rank((s.rank, s.pid), {"records": s.records})
+        self._writer.counters["heartbeat_ns"] = time.time_ns()
+        self._flush()
 
     def _answer_zap(self, zap) -> None:
         assert self._keys is not None  # ZAP runs only on a TCP endpoint, which has keys

@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from ..format.partition import COUNTERS, PartitionWriter
+from ..format.partition import COUNTERS, TIME_COUNTERS, PartitionWriter
 from .reader import Collection, Run, is_run_dir
 
 __all__ = ["CHUNK", "merge", "merge_run"]
@@ -72,7 +72,9 @@ def merge_run(run: Run, out_dir: str, overwrite: bool = False) -> dict:
         for d in p.drops():
             w.set_drops(int(d["rank"]), int(d["pid"]), {d["reason"].decode(): int(d["count"])})
         for k, v in p.counters().items():
-            if k in counters:
+            if k in TIME_COUNTERS:
+                counters[k] = max(counters[k], v)
+            elif k in counters:
                 counters[k] += v
     w.counters.update({k: v for k, v in counters.items() if k not in ("records", "batches",
                                                                         "bytes", "strings")})

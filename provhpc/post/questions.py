@@ -279,7 +279,9 @@ def stragglers(run, threshold=0.2, min_s=0.001, types=("stage", "epoch", "task")
 
 # ---------------------------------------------------------------------- 6. failures
 def failures(run) -> list:
-    """Failed (or never ended) activities: rank, node, exception type and message, last inputs."""
+    """Failed (or never ended) activities: rank, node, exception type and message, last inputs.
+
+    While the run is live, an open activity of a running rank is running, not a failure."""
     t = np.asarray(run.tasks())
     bad = t[t["status"] != "ok"]
     if not len(bad):
@@ -288,10 +290,13 @@ def failures(run) -> list:
     rel = np.asarray(run.relations())
     rel = rel[rel["relation"] == R.USED]
     rank_status = {r["rank"]: r["status"] for r in run.ranks() if r["role"] == "rank"}
+    live = bool(getattr(run, "live", False))
     out = []
     for row in bad:  # one per failed activity
         rank = int(row["rank"])
         status = row["status"]
+        if status == "open" and live and rank_status.get(rank) == "running":
+            continue  # still running, not a failure
         if status == "open" and rank_status.get(rank) in ("killed", "error", "lost"):
             status = f"open, rank {rank_status[rank]}"
         mine = t[t["rank"] == rank]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -15,16 +17,35 @@ import h5py
 import numpy as np
 
 from ..format import records as R
-from ..format.partition import open_partition
+from ..format.partition import TIME_COUNTERS, open_partition
 from . import tables as _tables
 from .tables import TABLES
+
+#: a partition that is not complete and was written less than this long ago is live: its
+#: aggregator writes a heartbeat every 2 s (``node.aggregator.BEAT_S``)
+LIVE_WINDOW_S = 15.0
 
 if TYPE_CHECKING:
     from .index import Index
 
 __all__ = [
-    "Collection", "Partition", "PartitionError", "Run", "is_run_dir", "open_path", "summary"
+    "LIVE_WINDOW_S", "Collection", "Partition", "PartitionError", "Run", "is_run_dir",
+    "open_path", "summary"
 ]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:  # a zombie is gone
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class PartitionError(OSError):
@@ -78,6 +99,26 @@ class Partition:
     @property
     def complete(self) -> bool:
         return bool(self.f.attrs.get("complete", False))
+
+    def idle_s(self) -> float:
+        """Seconds since its aggregator last wrote it (heartbeat counter or file mtime)."""
+        beat = self.counters().get("heartbeat_ns", 0)
+        try:
+            beat = max(beat, os.stat(self.path).st_mtime_ns)
+        except OSError:
+            pass
+        return max(0.0, (time.time_ns() - beat) / 1e9)
+
+    @property
+    def live(self) -> bool:
+        """Not complete, and being written: its aggregator is alive (seen directly on its own
+        host) or, from another host, wrote it within ``LIVE_WINDOW_S``."""
+        if self.complete:
+            return False
+        host, pid = self.f.attrs.get("writer_host"), self.f.attrs.get("writer_pid")
+        if host == socket.gethostname() and pid:
+            return _pid_alive(int(pid))
+        return self.idle_s() < LIVE_WINDOW_S
 
     @property
     def attrs(self) -> dict:
@@ -235,6 +276,11 @@ class Run(_Tables):
             for p in self.missing_partitions():
                 self.errors[p] = f"{p}: partition file is missing"
         return self._partitions
+
+    @property
+    def live(self) -> bool:
+        """Is an aggregator of this run still writing (a partition is ``live``)?"""
+        return any(p.live for p in self.partitions)
 
     def missing_partitions(self) -> list[str]:
         """Partitions of nodes that left an aggregator log (or are in the manifest) but no file."""
@@ -507,6 +553,7 @@ def _summary_part(run) -> dict:
             "drops": run.drops(), "counters": counters, "errors": dict(run.errors),
             "nodes": [p.node for p in good],
             "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
+                            "live": p.live, "idle_s": round(p.idle_s(), 1),
                             "records": len(p)} for p in good]}
 
 
@@ -524,7 +571,8 @@ def _combine(run, parts: list) -> dict:
                 mine[k] = mine.get(k, 0) + v
                 kinds_total[k] = kinds_total.get(k, 0) + v
         for k, v in part["counters"].items():
-            counters[k] = counters.get(k, 0) + v
+            counters[k] = max(counters.get(k, 0), v) if k in TIME_COUNTERS \
+                else counters.get(k, 0) + v
         ranks += part["ranks"]
         drops += part["drops"]
         partitions += part["partitions"]
