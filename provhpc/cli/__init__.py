@@ -47,14 +47,20 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .output import UNREADABLE
+
+    UNREADABLE.clear()
     try:
-        return args.func(args)
+        rc = args.func(args)
     except BrokenPipeError:  # `provhpc summary RUN | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"provhpc {args.command}: {exc}", file=sys.stderr)
         return 2
+    for err in UNREADABLE.values():  # one line per partition the verb could not read
+        print(f"provhpc {args.command}: {err}", file=sys.stderr)
+    return rc or (1 if UNREADABLE and not getattr(args, "partial", False) else rc)
 
 
 if __name__ == "__main__":

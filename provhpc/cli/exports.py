@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .output import dump, emit, open_source, single_run
+from .output import dump, emit, open_source, require_all, single_run
 
 __all__ = ["VERBS"]
 
@@ -13,7 +13,8 @@ def _cmd_export(args) -> int:
     from ..post.export import export
 
     with open_source(args.run) as src:
-        result = export(src, args.format, args.output)
+        missing = require_all(src, args.partial)  # never a document that silently lacks a node
+        result = export(src, args.format, args.output, missing)
     if args.json:
         print(dump(result))
     elif result.get("text") is not None:
@@ -36,6 +37,9 @@ def _add_export(sub):
                                                        "parquet"))
     p.add_argument("--output", "-o", metavar="PATH", help="file (PROV) or directory (parquet)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.add_argument("--partial", action="store_true",
+                   help="export the readable partitions when some cannot be read, marked as "
+                   "partial (entity provhpc:export), instead of writing nothing")
     p.set_defaults(func=_cmd_export)
 
 
@@ -44,8 +48,9 @@ def _cmd_report(args) -> int:
 
     with open_source(args.run) as src:
         run = single_run(src)
+        missing = require_all(run, args.partial)
         out = args.output or f"provhpc-report-{run.run_id}"
-        result = report(run, out)
+        result = report(run, out, missing=missing)
     emit(args, result, f"wrote {result['html']} ({len(result['images'])} plots)")
     return 0
 
@@ -59,6 +64,9 @@ def _add_report(sub):
     p.add_argument("--output", "-o", metavar="DIR",
                    help="output directory (default ./provhpc-report-<run_id>)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.add_argument("--partial", action="store_true",
+                   help="report on the readable partitions when some cannot be read (the "
+                   "page names the missing ones) instead of writing nothing")
     p.set_defaults(func=_cmd_report)
 
 

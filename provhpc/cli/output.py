@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -10,8 +11,8 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "dump", "emit", "format_summary", "format_table", "friendly", "jsonable", "open_source",
-    "parse_ranks", "rows_of", "single_run"
+    "UNREADABLE", "dump", "emit", "format_summary", "format_table", "friendly", "jsonable",
+    "note_errors", "open_source", "parse_ranks", "require_all", "rows_of", "single_run"
 ]
 
 _HIDE = {"run"}
@@ -97,11 +98,48 @@ def parse_ranks(text):
     return out
 
 
+#: the partitions a verb could not read (path -> why), gathered from every source it opened;
+#: ``provhpc.cli.main`` names each on stderr and makes the verb exit non-zero
+UNREADABLE: dict[str, str] = {}
+
+
+@contextlib.contextmanager
 def open_source(path, comm=None):
+    """Open a run or a directory of runs for a verb; what it could not read is kept in
+    ``UNREADABLE`` when the verb is done with it."""
     from ..post.mpi_post import share
     from ..post.reader import open_path
 
-    return open_path(path, select=share(comm))
+    src = open_path(path, select=share(comm))
+    try:
+        yield src
+    finally:
+        try:
+            note_errors(src)
+        finally:
+            src.close()
+
+
+def note_errors(src) -> None:
+    """Keep what ``src`` (a Run or a Collection) could not read in ``UNREADABLE``."""
+    UNREADABLE.update(getattr(src, "errors", None) or {})
+
+
+def require_all(src, partial: bool) -> list[str]:
+    """Decode every table of ``src`` now.  Unless ``partial``, a partition that cannot be
+    read stops the verb before it writes anything (ValueError naming each); with it, the
+    paths of the missing partitions are returned, to be marked in the answer."""
+    from ..post.tables import TABLES
+
+    for name in TABLES:
+        src.table(name)
+    src.ranks()
+    errors = dict(getattr(src, "errors", None) or {})
+    if errors and not partial:
+        UNREADABLE.update(errors)
+        raise ValueError("nothing was written: " + "; ".join(errors.values())
+                         + " (--partial goes on with the readable partitions)")
+    return sorted(errors)
 
 
 def single_run(source):
@@ -134,8 +172,9 @@ def format_summary(s: dict) -> str:
             lines.append(f"warning: partition {p['path']} is not marked complete and "
                          f"nothing wrote it for {p.get('idle_s', 0):.0f} s: if the job has "
                          f"ended, run `provhpc recover {s['path']}`")
-    for err in s["partition_errors"].values():
-        lines.append(f"error: {err}")
+    if s["partition_errors"]:  # each error in full on stderr, by provhpc.cli.main
+        lines.append(f"unreadable: {len(s['partition_errors'])} partition(s) "
+                     f"({', '.join(sorted(s['partition_errors']))}): this summary lacks them")
     return "\n".join(lines)
 
 

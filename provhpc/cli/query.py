@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 import numpy as np
 
-from .output import dump, emit, format_table, open_source, parse_ranks, single_run
+from .output import (
+    UNREADABLE,
+    dump,
+    emit,
+    format_table,
+    open_source,
+    parse_ranks,
+    require_all,
+    single_run,
+)
+
+
+def note_errors_of(errors: dict) -> None:
+    """What the ranks of an MPI query could not read (gathered on rank 0)."""
+    UNREADABLE.update(errors)
 
 __all__ = ["QUESTIONS", "TABLE_VERBS", "VERBS"]
 
@@ -74,9 +87,7 @@ def _cmd_query(args) -> int:
                                 run.time_range()[0])
         errors = getattr(src, "errors", {})
     emit(args, res, text)
-    for err in errors.values():
-        print(f"error: {err}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors else 0  # each unreadable partition is named by provhpc.cli.main
 
 
 def _query_table(args, comm) -> int:
@@ -112,8 +123,7 @@ def _query_table(args, comm) -> int:
                              f"{args.what}; its columns: {', '.join(names)}")
         print(format_table(rows, cols, args.limit, origin))
         print(f"{len(rows)} rows")
-    for err in errors.values():
-        print(f"error: {err}", file=sys.stderr)
+    note_errors_of(errors)
     return 1 if errors else 0
 
 
@@ -228,6 +238,7 @@ def _cmd_lineage(args) -> int:
     from ..post.lineage import graph, lineage
 
     with open_source(args.run) as src:
+        missing = require_all(src, args.partial)  # a closure missing a node is not one
         lin = lineage(src, args.entity, args.direction, args.depth)
         g = graph(src)
         if args.format in ("prov-json", "prov-n"):
@@ -236,8 +247,12 @@ def _cmd_lineage(args) -> int:
             print(serialize(lin.to_prov(), args.format))
             return 0
         if args.json:
-            print(dump(lin.to_dict()))
+            print(dump({**lin.to_dict(), "partial": bool(missing),
+                        "missing_partitions": missing}))
             return 0
+        if missing:
+            print(f"partial: {len(missing)} partition(s) could not be read: "
+                  + ", ".join(missing))
         print(f"{args.direction} lineage of {args.entity}: {len(lin.nodes)} nodes, "
               f"{len(lin.edges)} edges, ranks {lin.ranks}, nodes {lin.hosts}")
         for n in lin.nodes.to_dicts():
@@ -264,6 +279,9 @@ def _add_lineage(sub):
     p.add_argument("--depth", type=int, default=None, help="at most N relations away")
     p.add_argument("--format", choices=("text", "prov-json", "prov-n"), default="text")
     p.add_argument("--json", action="store_true", help="print JSON (nodes, edges)")
+    p.add_argument("--partial", action="store_true",
+                   help="answer from the readable partitions when some cannot be read, "
+                   "marked as partial, instead of refusing")
     p.set_defaults(func=_cmd_lineage)
 
 

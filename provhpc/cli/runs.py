@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 
-from .output import emit, format_summary, format_table, open_source, single_run
+from .output import (
+    UNREADABLE,
+    emit,
+    format_summary,
+    format_table,
+    note_errors,
+    open_source,
+    single_run,
+)
 
 __all__ = ["VERBS"]
 
@@ -29,6 +37,7 @@ def _cmd_ls(args) -> int:
                      "status": m.get("status") or "?", "nodes": len(nodes),
                      "ranks": meta.get("world_size"), "records": records,
                      "program": os.path.basename(prog), "errors": len(run.errors)})
+        note_errors(run)  # named on stderr by provhpc.cli.main; the verb exits 1
         run.close()
     emit(args, rows, format_table(rows))
     return 0
@@ -53,7 +62,8 @@ def _cmd_summary(args) -> int:
     if s is None:
         return 0
     emit(args, s, format_summary(s))
-    return 1 if s["partition_errors"] else 0
+    UNREADABLE.update(s["partition_errors"])  # (gathered from every rank under MPI)
+    return 1 if s["partition_errors"] else 0  # each named on stderr by provhpc.cli.main
 
 
 def _add_summary(sub):

@@ -3,6 +3,7 @@ pyarrow."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -65,17 +66,32 @@ def to_parquet(source, directory: str) -> list[str]:
     return written
 
 
-def export(source, fmt: str, output: str | None = None) -> dict:
-    """Export ``source`` as ``fmt``; PROV text is returned (and written to ``output`` if given)."""
+def export(source, fmt: str, output: str | None = None, missing=()) -> dict:
+    """Export ``source`` as ``fmt``; PROV text is returned (and written to ``output`` if given).
+
+    ``missing``: partitions that could not be read (a ``--partial`` export): the document
+    says so in an entity ``provhpc:export`` (``provhpc:partial``,
+    ``provhpc:missing_partitions``), Parquet in a ``_partial.json`` beside the tables."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    partial = {"partial": bool(missing), "missing_partitions": list(missing)}
     if fmt == "parquet":
         if not output:
             raise ValueError("parquet export needs --output DIR")
-        return {"format": fmt, "files": to_parquet(source, output), "text": None}
-    text = serialize(to_prov(source), fmt)
+        files = to_parquet(source, output)
+        if missing:
+            note = os.path.join(output, "_partial.json")
+            with open(note, "w") as fh:
+                json.dump(partial, fh, indent=1)
+            files.append(note)
+        return {"format": fmt, "files": files, "text": None, **partial}
+    doc = to_prov(source)
+    if missing:
+        doc.entity("provhpc:export", {"provhpc:partial": True,
+                                      "provhpc:missing_partitions": " ".join(missing)})
+    text = serialize(doc, fmt)
     if output:
         with open(output, "w") as fh:
             fh.write(text)
-        return {"format": fmt, "files": [output], "text": None}
-    return {"format": fmt, "files": [], "text": text}
+        return {"format": fmt, "files": [output], "text": None, **partial}
+    return {"format": fmt, "files": [], "text": text, **partial}

@@ -17,20 +17,22 @@ import h5py
 import numpy as np
 
 from ..format import records as R
-from ..format.partition import TIME_COUNTERS, open_partition
+from ..format.partition import STRING_DTYPE, TIME_COUNTERS, open_partition
 from . import tables as _tables
 from .tables import TABLES
 
 #: a partition that is not complete and was written less than this long ago is live: its
 #: aggregator writes a heartbeat every 2 s (``node.aggregator.BEAT_S``)
 LIVE_WINDOW_S = 15.0
+#: the partition schema versions this reader understands (``format.records.SCHEMA_VERSION``)
+SCHEMA_VERSIONS = (1,)
 
 if TYPE_CHECKING:
     from .index import Index
 
 __all__ = [
-    "LIVE_WINDOW_S", "Collection", "Partition", "PartitionError", "Run", "is_run_dir",
-    "open_path", "summary"
+    "LIVE_WINDOW_S", "SCHEMA_VERSIONS", "Collection", "Partition", "PartitionError", "Run",
+    "is_run_dir", "open_path", "summary"
 ]
 
 
@@ -80,10 +82,41 @@ class Partition:
             for name in ("records", "strings", "string_heap", "ranks"):
                 if name not in self.f:
                     raise PartitionError(f"{path}: partition has no {name!r} dataset")
+            self._validate()
         except PartitionError:
+            if getattr(self, "f", None) is not None:
+                self.f.close()
             raise
         except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError for bad files
             raise PartitionError(f"{path}: cannot open partition ({exc})") from exc
+
+    def _validate(self) -> None:
+        """What can be checked without reading the data: the schema version and the dtypes
+        of the datasets (string-id bounds are checked when the records are decoded)."""
+        version = self.f.attrs.get("schema_version", R.SCHEMA_VERSION)
+        try:
+            version = int(version)
+        except (TypeError, ValueError):
+            raise PartitionError(f"{self.path}: schema version {version!r} is not a "
+                                 "number") from None
+        if version not in SCHEMA_VERSIONS:
+            raise PartitionError(f"{self.path}: schema version {version} is not one this "
+                                 f"provhpc reads ({', '.join(map(str, SCHEMA_VERSIONS))}): "
+                                 "written by another provhpc?")
+        for name, want in (("records", R.RECORD_DTYPE), ("strings", STRING_DTYPE)):
+            got = self.f[name].dtype
+            if got != want:
+                raise PartitionError(f"{self.path}: dataset /{name} has dtype {got}, not the "
+                                     f"schema's {want}")
+        heap = self.f["string_heap"].dtype
+        if heap.kind != "u" or heap.itemsize != 1:
+            raise PartitionError(f"{self.path}: dataset /string_heap has dtype {heap}, "
+                                 "not uint8")
+        ranks = self.f["ranks"].dtype.names or ()
+        missing = [c for c in ("rank", "pid", "node", "role", "status") if c not in ranks]
+        if missing:
+            raise PartitionError(f"{self.path}: dataset /ranks lacks the column(s) "
+                                 f"{', '.join(missing)}")
 
     def close(self) -> None:
         self.f.close()
@@ -157,10 +190,26 @@ class Partition:
         """The string table as an object array indexed by string id."""
         idx = self._read("strings", lambda: self.f["strings"][:])
         heap = self._read("string_heap", lambda: self.f["string_heap"][:].tobytes())
+        if len(idx) and int((idx["offset"] + idx["length"]).max()) > len(heap):
+            raise PartitionError(f"{self.path}: the string table points beyond the string "
+                                 f"heap ({len(heap)} bytes): a damaged partition")
         out = np.empty(len(idx), object)
         for i, (off, length, _flags) in enumerate(idx.tolist()):
             out[i] = heap[off:off + length].decode("utf-8", "replace")
         return out
+
+    def check_string_ids(self, recs: np.ndarray) -> None:
+        """Raise PartitionError when ``recs`` (with ``name`` and ``sval``) name a string the
+        string table does not hold, or the table points beyond its heap."""
+        n = self.f["strings"].shape[0]
+        if len(recs) and max(int(recs["name"].max()), int(recs["sval"].max())) >= n:
+            raise PartitionError(f"{self.path}: records name string ids beyond the string "
+                                 f"table ({n} strings): a damaged partition")
+        idx = self._read("strings", lambda: self.f["strings"][:])
+        heap = self.f["string_heap"].shape[0]
+        if len(idx) and int((idx["offset"] + idx["length"]).max()) > heap:
+            raise PartitionError(f"{self.path}: the string table points beyond the string "
+                                 f"heap ({heap} bytes): a damaged partition")
 
     @cached_property
     def truncated_strings(self) -> np.ndarray:
@@ -195,8 +244,10 @@ class Partition:
         """Per-kind tables of this partition (see ``provhpc.tables``), decoded once."""
         if not self._tables:
             recs = self.records()
-            self._tables = _tables.decode(recs, self.strings, self.run_id,
-                                          self.record_nodes(recs["rank"]))
+            strings = self.strings
+            self.check_string_ids(recs)
+            self._tables = self._read("tables", lambda: _tables.decode(
+                recs, strings, self.run_id, self.record_nodes(recs["rank"])))
             self._tables["time_range"] = ((int(recs["t"].min()), int(recs["t"].max()))
                                           if len(recs) else (0, 0))
         return self._tables
@@ -528,7 +579,8 @@ def _summary_part(run) -> dict:
     t0, t1 = None, None
     for p in run.partitions:
         try:
-            cols = p.records(["kind", "rank", "t"])
+            cols = p.records(["kind", "rank", "t", "name", "sval"])
+            p.check_string_ids(cols)  # summary vouches for the partition: its strings too
         except PartitionError as exc:
             run.errors[p.path] = str(exc)
             continue

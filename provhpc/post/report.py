@@ -153,8 +153,9 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def report(run, out_dir: str) -> dict:
-    """Write ``out_dir/index.html`` and its PNGs; returns the paths."""
+def report(run, out_dir: str, missing=()) -> dict:
+    """Write ``out_dir/index.html`` and its PNGs; returns the paths.  ``missing``: the
+    partitions that could not be read (a partial report says so at its top)."""
     os.makedirs(out_dir, exist_ok=True)
     s = summary(run)
     images = [plot_timeline(run, os.path.join(out_dir, "timeline.png"))]
@@ -173,6 +174,9 @@ def report(run, out_dir: str) -> dict:
         "font-size:90%}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
         "</style></head><body>",
         f"<h1>Run {html.escape(run.run_id)}</h1>",
+        *([f"<p style='color:red'><b>Partial report</b>: {len(missing)} partition(s) could "
+           "not be read and are not in it: " + ", ".join(html.escape(m) for m in missing)
+           + "</p>"] if missing else []),
         f"<p>status {html.escape(str(s['status']))} · {len(s['nodes'])} node(s) · "
         f"{s['world_size']} rank(s) · {s['records_total']} records · "
         f"{s['dropped_total']} dropped · {s['duration_s']:.2f} s · launcher "
