@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -165,12 +166,13 @@ def format_summary(s: dict) -> str:
     for p in s["partitions"]:
         if p["complete"]:
             continue
+        idle = max(0.0, (time.time_ns() - p["last_write_ns"]) / 1e9)
         if p.get("live"):
             lines.append(f"live: partition {p['path']} is being written (its aggregator "
-                         f"wrote it {p['idle_s']:.0f} s ago)")
+                         f"wrote it {idle:.0f} s ago)")
         else:
             lines.append(f"warning: partition {p['path']} is not marked complete and "
-                         f"nothing wrote it for {p.get('idle_s', 0):.0f} s: if the job has "
+                         f"nothing wrote it for {idle:.0f} s: if the job has "
                          f"ended, run `provhpc recover {s['path']}`")
     if s["partition_errors"]:  # each error in full on stderr, by provhpc.cli.main
         lines.append(f"unreadable: {len(s['partition_errors'])} partition(s) "

@@ -133,14 +133,18 @@ class Partition:
     def complete(self) -> bool:
         return bool(self.f.attrs.get("complete", False))
 
-    def idle_s(self) -> float:
-        """Seconds since its aggregator last wrote it (heartbeat counter or file mtime)."""
-        beat = self.counters().get("heartbeat_ns", 0)
+    def last_write_ns(self) -> int:
+        """When its aggregator last wrote it (heartbeat counter or file mtime), ns since epoch."""
+        beat = int(self.counters().get("heartbeat_ns", 0))
         try:
             beat = max(beat, os.stat(self.path).st_mtime_ns)
         except OSError:
             pass
-        return max(0.0, (time.time_ns() - beat) / 1e9)
+        return beat
+
+    def idle_s(self) -> float:
+        """Seconds since its aggregator last wrote it."""
+        return max(0.0, (time.time_ns() - self.last_write_ns()) / 1e9)
 
     @property
     def live(self) -> bool:
@@ -605,7 +609,7 @@ def _summary_part(run) -> dict:
             "drops": run.drops(), "counters": counters, "errors": dict(run.errors),
             "nodes": [p.node for p in good],
             "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
-                            "live": p.live, "idle_s": round(p.idle_s(), 1),
+                            "live": p.live, "last_write_ns": p.last_write_ns(),
                             "records": len(p)} for p in good]}
 
 
