@@ -21,7 +21,7 @@ from .records import RECORD_DTYPE, SCHEMA_VERSION
 __all__ = [
     "BATCH_DTYPE", "COUNTERS", "COUNTER_DTYPE", "DISK_RESERVE", "DROP_DTYPE", "LIBVER",
     "TIME_COUNTERS", "PartitionWriter", "RANK_DTYPE", "RECORD_CHUNK", "SMAP_DTYPE",
-    "STRING_DTYPE", "open_partition"
+    "STRING_DTYPE", "SWMR_READ_ATTEMPTS", "open_partition"
 ]
 
 LIBVER = ("v110", "v110")  # readable by HDF5 1.10 tools; SWMR needs >= v110
@@ -303,9 +303,56 @@ class PartitionWriter:
         os.chmod(self.path, self.mode)
 
 
+# A SWMR reader retries a metadata block whose checksum fails, sleeping 1 ns, 2 ns, 4 ns ...
+# between tries; HDF5's default of 100 tries never ends on a damaged file (2**100 ns).  24
+# tries wait at most 2**24 ns (17 ms) for a block a live writer is rewriting.
+SWMR_READ_ATTEMPTS = 24
+
+
+def _hdf5_library() -> Any:
+    """The libhdf5 that h5py loaded (to reach H5Pset_metadata_read_attempts), or None."""
+    import ctypes
+
+    h5py.h5f  # noqa: B018 - the library is loaded once h5py is
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {line.split()[-1] for line in fh if "libhdf5" in line}
+    except OSError:
+        return None
+    for lib_path in sorted(paths):
+        name = os.path.basename(lib_path)
+        if name.startswith("libhdf5") and not name.startswith("libhdf5_"):
+            try:
+                lib = ctypes.CDLL(lib_path)
+                lib.H5Pset_metadata_read_attempts.argtypes = [ctypes.c_int64, ctypes.c_uint]
+                return lib
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+_HDF5: Any = False
+
+
+def _swmr_open(path: str) -> h5py.File:
+    global _HDF5
+    if _HDF5 is False:
+        _HDF5 = _hdf5_library()
+    if _HDF5 is None:  # not found: HDF5's own retries (may wait long on a damaged file)
+        return h5py.File(path, "r", swmr=True, locking=False)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    fapl.set_file_locking(False, False)
+    if _HDF5.H5Pset_metadata_read_attempts(fapl.id, SWMR_READ_ATTEMPTS) < 0:
+        return h5py.File(path, "r", swmr=True, locking=False)
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ,
+                        fapl=fapl)
+    return h5py.File(fid)
+
+
 def open_partition(path: str) -> h5py.File:
     """Open a partition for reading, also one still written or left by a killed writer."""
     try:
-        return h5py.File(path, "r", swmr=True, locking=False)
+        return _swmr_open(path)
     except OSError:
         return h5py.File(path, "r", locking=False)
