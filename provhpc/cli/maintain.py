@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from typing import Any
@@ -83,9 +84,17 @@ def _add_merge(sub):
                        "drops and counters kept; each record's node comes from its rank), plus "
                        "its manifest.  Use it to compact a many-node run into one file, or to "
                        "gather runs from several output directories into one collection for "
-                       "cross-run queries.  Sources are not modified.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE")
-    p.add_argument("--out", required=True, metavar="OUT", help="destination directory")
+                       "cross-run queries.  Sources are not modified.  The merged run reads like "
+                       "the original with every verb (summary, query, lineage, export, report, "
+                       "index).",
+                       epilog="examples:\n  provhpc merge prov/latest -o compact\n"
+                       "  provhpc merge siteA/prov siteB/prov -o all-runs && provhpc index "
+                       "all-runs/<run_id>",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a run directory, or an output directory of runs")
+    p.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="OUT",
+                   help="destination directory (created if missing)")
     p.add_argument("--force", action="store_true", help="replace OUT/<run_id> if it exists")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_merge)

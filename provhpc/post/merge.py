@@ -10,8 +10,10 @@ the originals did.  Sources are never modified.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -32,7 +34,7 @@ def _runs(sources):
 
 
 def merge_run(run: Run, out_dir: str, overwrite: bool = False) -> dict:
-    dest = os.path.join(out_dir, os.path.basename(run.path.rstrip("/")))
+    dest = os.path.join(out_dir, os.path.basename(os.path.realpath(run.path)))  # not "latest"
     if os.path.exists(dest):
         if not overwrite:
             raise FileExistsError(f"{dest} exists (use --force to replace it)")
@@ -79,9 +81,20 @@ def merge_run(run: Run, out_dir: str, overwrite: bool = False) -> dict:
     w.counters.update({k: v for k, v in counters.items() if k not in ("records", "batches",
                                                                         "bytes", "strings")})
     w.close(complete=all(p.complete for p in parts))
-    if os.path.exists(os.path.join(run.path, "manifest.json")):
-        shutil.copy2(os.path.join(run.path, "manifest.json"), dest)
+    _write_manifest(run, dest, [p.path for p in parts])
     return {"run_id": run.run_id, "partitions": len(parts), "records": total, "path": path}
+
+
+def _write_manifest(run: Run, dest: str, sources: list[str]) -> None:
+    """The source's manifest, naming ``merged.h5`` as the run's one partition."""
+    doc = dict(run.manifest) or {"run_id": run.run_id}
+    doc["partitions"] = ["merged.h5"]
+    doc["merged"] = {"from": run.path, "partitions": [os.path.basename(p) for p in sources],
+                     "at": time.time_ns()}
+    tmp = os.path.join(dest, "manifest.json.tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+        json.dump(doc, fh, indent=1)
+    os.replace(tmp, os.path.join(dest, "manifest.json"))
 
 
 def merge(sources, out_dir: str, overwrite: bool = False) -> dict:

@@ -126,6 +126,13 @@ class Partition:
         return str(self.f.attrs.get("node", os.path.basename(self.path)[:-3]))
 
     @property
+    def nodes(self) -> list[str]:
+        """The nodes whose records this partition holds: its own, or a merged one's many."""
+        names = {n.decode() for n in self.ranks()["node"]} - {""} if len(self.ranks()) else set()
+        return sorted(names) if names and self.f.attrs.get("merged_from") is not None \
+            else [self.node]
+
+    @property
     def run_id(self) -> str:
         return self._run_id or str(self.f.attrs.get("run_id", ""))
 
@@ -338,13 +345,27 @@ class Run(_Tables):
         return any(p.live for p in self.partitions)
 
     def missing_partitions(self) -> list[str]:
-        """Partitions of nodes that left an aggregator log (or are in the manifest) but no file."""
+        """Partitions of nodes that left an aggregator log (or are in the manifest) but no file.
+
+        A manifest that lists its ``partitions`` (``provhpc merge`` writes one) names them
+        itself; otherwise each of its ``nodes`` has ``<node>.h5``."""
+        if self.partition_paths is not self.all_partition_paths:
+            return []  # a selection checks only what it was given
+        listed = self.manifest.get("partitions")
+        if isinstance(listed, list):
+            return sorted(p for p in (os.path.join(self.path, str(n)) for n in listed)
+                          if not os.path.exists(p))
         nodes = set(self.manifest.get("nodes") or [])
         nodes.update(f[:-len(".aggregator.log")] for f in os.listdir(self.path)
                      if f.endswith(".aggregator.log"))
         paths = {os.path.join(self.path, f"{n}.h5") for n in nodes}
-        if self.partition_paths is not self.all_partition_paths:
-            return []  # a selection checks only what it was given
+        for part in self._partitions or []:  # merged by an older provhpc: its manifest is
+            merged = part.f.attrs.get("merged_from")  # the source's, naming the sources
+            if isinstance(merged, str) and merged.startswith("["):
+                merged = json.loads(merged)
+            if merged is not None:
+                paths -= {os.path.join(self.path, os.path.basename(str(m)))
+                          for m in np.atleast_1d(merged)}
         return sorted(p for p in paths if not os.path.exists(p))
 
     @property
@@ -456,7 +477,8 @@ class Run(_Tables):
                     "user": meta.get("user", ""), "argv": meta.get("argv", []),
                     "cwd": meta.get("cwd", "")},
             "launcher": meta.get("launcher", ""),
-            "nodes": sorted({r["node"] for r in ranks} | {p.node for p in self.partitions}),
+            "nodes": sorted({r["node"] for r in ranks}
+                            | {n for p in self.partitions for n in p.nodes}),
             "ranks": sorted({r["rank"] for r in ranks if r["role"] == "rank"}),
             "world_size": meta.get("world_size"),
             "config": config, "config_sources": m.get("config_sources", {}),
@@ -607,7 +629,7 @@ def _summary_part(run) -> dict:
     good = [p for p in run.partitions if p.path not in run.errors]
     return {"per_rank_kinds": per_rank_kinds, "t0": t0, "t1": t1, "ranks": run.ranks(),
             "drops": run.drops(), "counters": counters, "errors": dict(run.errors),
-            "nodes": [p.node for p in good],
+            "nodes": [n for p in good for n in p.nodes],
             "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
                             "live": p.live, "last_write_ns": p.last_write_ns(),
                             "records": len(p)} for p in good]}
