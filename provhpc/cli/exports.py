@@ -51,7 +51,9 @@ def _cmd_report(args) -> int:
         missing = require_all(run, args.partial)
         out = args.output or f"provhpc-report-{run.run_id}"
         result = report(run, out, missing=missing)
-    emit(args, result, f"wrote {result['html']} ({len(result['images'])} plots)")
+    note = "" if run is src else f", the newest of {len(src.runs)} in {args.run}"
+    emit(args, result, f"wrote {result['html']} ({len(result['images'])} plots) of run "
+                       f"{run.run_id}{note}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import sys
 import time
@@ -12,8 +13,9 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "UNREADABLE", "dump", "emit", "format_summary", "format_table", "friendly", "jsonable",
-    "note_errors", "open_source", "parse_ranks", "require_all", "rows_of", "single_run"
+    "ABSOLUTE", "UNREADABLE", "dump", "emit", "format_summary", "format_table", "friendly",
+    "iso_ns", "jsonable", "note_errors", "open_source", "parse_ranks", "require_all", "rows_of",
+    "single_run"
 ]
 
 _HIDE = {"run"}
@@ -41,14 +43,29 @@ def rows_of(obj) -> list[dict]:
     return list(obj)
 
 
-def format_table(rows, columns=None, limit=None, origin_ns=None) -> str:
-    """Rows (dicts) as aligned text; ``*_ns``-like time columns relative to ``origin_ns``."""
+ABSOLUTE = "absolute"  # the origin that prints times as UTC ISO-8601 (--absolute)
+
+
+def iso_ns(ns: int) -> str:
+    """A time in ns since the epoch as UTC ISO-8601 with microseconds."""
+    return (datetime.datetime.fromtimestamp(ns // 1000 / 1e6, datetime.timezone.utc)
+            .strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+
+
+def format_table(rows, columns=None, limit=None, origin_ns=None, all_runs=False) -> str:
+    """Rows (dicts) as aligned text.  Times (``start``, ``end``, ``t``) are seconds from
+    ``origin_ns``: one time, or a ``{run_id: ns}`` mapping for each row's own run;
+    ``ABSOLUTE`` as origin prints them as UTC ISO-8601.  ``all_runs`` shows the run column."""
     rows = rows_of(rows)
     if not rows:
         return "(no rows)"
-    columns = columns or [c for c in rows[0] if c not in _HIDE]
+    columns = columns or [c for c in rows[0] if c not in _HIDE or (all_runs and c == "run")]
     shown = rows if limit is None else rows[:limit]
-    cells = [[_cell(r.get(c), c, origin_ns) for c in columns] for r in shown]
+    if isinstance(origin_ns, dict):
+        cells = [[_cell(r.get(c), c, origin_ns.get(r.get("run"))) for c in columns]
+                 for r in shown]
+    else:
+        cells = [[_cell(r.get(c), c, origin_ns) for c in columns] for r in shown]
     widths = [min(60, max(len(c), *(len(row[i]) for row in cells))) for i, c in
               enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
@@ -62,7 +79,11 @@ def _cell(v, col, origin_ns) -> str:
     if v is None:
         return ""
     if col in ("start", "end", "t") and isinstance(v, int) and origin_ns:
-        return "" if v < 0 else f"{(v - origin_ns) / 1e9:.4f}"
+        if v < 0:
+            return ""
+        if origin_ns == ABSOLUTE:
+            return iso_ns(v)
+        return f"{(v - origin_ns) / 1e9:.4f}"
     if col in ("index", "step") and isinstance(v, int) and v == R.NO_STEP:
         return ""
     if isinstance(v, float):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import numpy as np
 
 from .output import (
+    ABSOLUTE,
     UNREADABLE,
     dump,
     emit,
@@ -15,6 +17,7 @@ from .output import (
     open_source,
     parse_ranks,
     require_all,
+    rows_of,
     single_run,
 )
 
@@ -30,6 +33,37 @@ QUESTIONS = ("produced", "derivation", "epochs", "lagging", "best", "stages", "s
              "failures", "capture", "metadata", "timeline")
 
 
+CROSS_RUN = ("produced", "derivation", "best")  # a directory means all of its runs
+ROW_QUESTIONS = ("epochs", "lagging", "stages", "stragglers", "failures", "timeline")
+TIME_COLUMN = {"tasks": "start"}  # the others' time is "t"
+
+
+def _runs_of(src) -> list:
+    return list(src.runs) if hasattr(src, "runs") else [src]
+
+
+def _scope(args, src):
+    """What a single-run verb reads of ``src``: its newest run unless ``--all-runs``.  A
+    directory of several runs is named in the output: which run answered, or that all did."""
+    runs = _runs_of(src)
+    if len(runs) < 2 and not hasattr(src, "runs"):
+        return src, []
+    if args.all_runs:
+        return src, runs
+    run = single_run(src)
+    note = (f"run {run.run_id}: the only run in {args.run}" if len(runs) == 1 else
+            f"run {run.run_id}: the newest of {len(runs)} runs in {args.run} "
+            "(--all-runs answers for every run)")
+    print(note, file=sys.stderr if args.json else sys.stdout)
+    return run, [run]
+
+
+def _origin(args, runs_start: dict, fallback: int):
+    if args.absolute:
+        return ABSOLUTE
+    return runs_start if args.all_runs else fallback
+
+
 def _cmd_query(args) -> int:
     from ..post.mpi_post import comm_from_env
 
@@ -37,57 +71,88 @@ def _cmd_query(args) -> int:
     if what in TABLE_VERBS:
         comm = comm_from_env()
         return _query_table(args, comm)
-    from ..post import questions as Q
-
+    if args.all_runs and what in CROSS_RUN:
+        raise ValueError(f"query {what} already reads every run of a directory; "
+                         "--all-runs is for the single-run questions and the tables")
     with open_source(args.run) as src:
-        run = single_run(src)
-        res: Any  # what the question returns: a table, a list of rows or a dict
-        need_arg = {"produced", "derivation"}
-        if what in need_arg and not args.arg:
-            raise ValueError(f"query {what} needs an ENTITY (id, data path or name)")
-        if what == "produced":
-            res = Q.produced(src, args.arg)
-            text = _format_produced(res)
-        elif what == "derivation":
-            res = Q.derivation(src, args.arg, args.origin)
-            text = _format_derivation(res)
-        elif what == "epochs":
-            res = Q.epoch_metrics(run, [args.metric] if args.metric else None)
-            res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
-            text = format_table(res, limit=args.limit)
-        elif what == "lagging":
-            # a loss by default: lower is better unless --mode max says otherwise
-            res = Q.lagging_ranks(run, args.metric or "epoch_loss",
-                                  args.mode == "max", args.threshold)
-            text = format_table(res) if res else "no rank lags (tolerance " \
-                f"{args.threshold:g})"
-        elif what == "best":
-            res = Q.best(src, args.metric or "val_accuracy", args.mode or "max")
-            text = format_table([{**r, "hyperparameters": r["hyperparameters"]} for r in res])
-        elif what == "stages":
-            res = Q.stage_times(run)
-            res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
-            text = format_table(res, limit=args.limit)
-        elif what == "stragglers":
-            res = Q.stragglers(run, args.threshold)
-            text = format_table(res, limit=args.limit) if res else "no stragglers"
-        elif what == "failures":
-            res = Q.failures(run)
-            text = format_table(res) if res else "no failed activities"
-        elif what == "capture":
-            res = Q.capture_stats(run)
-            text = _format_capture(res)
-        elif what == "metadata":
-            res = run.metadata()
-            text = dump(res)
-        else:  # timeline
-            res = run.timeline(parse_ranks(args.rank))
-            text = format_table(res, ["rank", "node", "type", "name", "index", "start", "end",
-                                      "duration_s", "status"], args.limit,
-                                run.time_range()[0])
+        if what in CROSS_RUN:
+            res, text = _answer(args, src, src)
+        elif args.all_runs:
+            res, text = _answer_all(args, _runs_of(src))
+        else:
+            run, _ = _scope(args, src)
+            res, text = _answer(args, src, run)
         errors = getattr(src, "errors", {})
     emit(args, res, text)
     return 1 if errors else 0  # each unreadable partition is named by provhpc.cli.main
+
+
+def _answer_all(args, runs) -> tuple[Any, str]:
+    """A single-run question over every run: one table of rows with their run, or one
+    answer per run (capture, metadata)."""
+    if args.what in ROW_QUESTIONS:
+        rows, origins = [], {}
+        for run in runs:
+            res, _ = _answer(args, run, run)
+            rows += [{"run": run.run_id, **r} for r in rows_of(res)]
+            origins[run.run_id] = run.time_range()[0]
+        text = format_table(rows, limit=args.limit, origin_ns=_origin(args, origins, 0),
+                            all_runs=True) if rows else "(no rows)"
+        return rows, text
+    answers = [{"run": run.run_id, **_answer(args, run, run)[0]} for run in runs]
+    texts = [f"== run {run.run_id}\n{_answer(args, run, run)[1]}" for run in runs]
+    return answers, "\n\n".join(texts)
+
+
+def _answer(args, src, run) -> tuple[Any, str]:
+    """One question of ``run`` (or of every run of ``src`` for the cross-run ones)."""
+    from ..post import questions as Q
+
+    what = args.what
+    res: Any  # what the question returns: a table, a list of rows or a dict
+    if what in ("produced", "derivation") and not args.arg:
+        raise ValueError(f"query {what} needs an ENTITY (id, data path or name)")
+    if what == "produced":
+        res = Q.produced(src, args.arg)
+        text = _format_produced(res)
+    elif what == "derivation":
+        res = Q.derivation(src, args.arg, args.origin)
+        text = _format_derivation(res)
+    elif what == "epochs":
+        res = Q.epoch_metrics(run, [args.metric] if args.metric else None)
+        res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
+        text = format_table(res, limit=args.limit)
+    elif what == "lagging":
+        # a loss by default: lower is better unless --mode max says otherwise
+        res = Q.lagging_ranks(run, args.metric or "epoch_loss",
+                              args.mode == "max", args.threshold)
+        text = format_table(res) if res else "no rank lags (tolerance " \
+            f"{args.threshold:g})"
+    elif what == "best":
+        res = Q.best(src, args.metric or "val_accuracy", args.mode or "max")
+        text = format_table([{**r, "hyperparameters": r["hyperparameters"]} for r in res])
+    elif what == "stages":
+        res = Q.stage_times(run)
+        res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
+        text = format_table(res, limit=args.limit)
+    elif what == "stragglers":
+        res = Q.stragglers(run, args.threshold)
+        text = format_table(res, limit=args.limit) if res else "no stragglers"
+    elif what == "failures":
+        res = Q.failures(run)
+        text = format_table(res) if res else "no failed activities"
+    elif what == "capture":
+        res = Q.capture_stats(run)
+        text = _format_capture(res)
+    elif what == "metadata":
+        res = run.metadata()
+        text = dump(res)
+    else:  # timeline
+        res = run.timeline(parse_ranks(args.rank))
+        text = format_table(res, ["rank", "node", "type", "name", "index", "start", "end",
+                                  "duration_s", "status"], args.limit,
+                            ABSOLUTE if args.absolute else run.time_range()[0])
+    return res, text
 
 
 def _query_table(args, comm) -> int:
@@ -98,10 +163,12 @@ def _query_table(args, comm) -> int:
                    since=args.since, until=args.until, where=args.where or (),
                    status=args.status)
     with open_source(args.run, comm) as src:
+        scope, runs = _scope(args, src) if comm is None or comm.rank == 0 else \
+            (src if args.all_runs else single_run(src), [])
         def part():
-            rows = select(src, args.what, **filters)
-            return np.asarray(rows), dict(getattr(src, "errors", {})), \
-                single_run(src).time_range()[0]
+            rows = select(scope, args.what, **filters)
+            return (np.asarray(rows), dict(getattr(scope, "errors", {})),
+                    {r.run_id: r.time_range()[0] for r in _runs_of(scope)})
 
         if comm is None:
             parts = [part()]
@@ -109,11 +176,22 @@ def _query_table(args, comm) -> int:
             parts = gather_or_raise(comm, part)
             if parts is None:
                 return 0
+        order = {r.run_id: i for i, r in enumerate(_runs_of(src))}
     rows = np.concatenate([p[0] for p in parts])
     errors = {k: v for p in parts for k, v in p[1].items()}
-    origin = min((p[2] for p in parts if p[2]), default=0)
+    starts: dict = {}
+    for p in parts:
+        for run_id, t0 in p[2].items():
+            if t0:
+                starts[run_id] = min(t0, starts.get(run_id, t0))
+    if len(rows):  # by run (oldest first), then rank, then time
+        run_pos = np.array([order.get(r, -1) for r in rows["run"].tolist()])
+        rows = rows[np.lexsort((rows[TIME_COLUMN.get(args.what, "t")], rows["rank"],
+                                run_pos))]
+    ids = sorted({str(r) for r in rows["run"].tolist()}, key=lambda r: order.get(r, -1))
     if args.json:
-        print(dump({"rows": rows, "count": len(rows), "partition_errors": errors}))
+        print(dump({"rows": rows, "count": len(rows), "runs": ids or
+                    [r.run_id for r in runs], "partition_errors": errors}))
     else:
         cols = args.columns.split(",") if args.columns else None
         names = rows.dtype.names or ()
@@ -121,7 +199,8 @@ def _query_table(args, comm) -> int:
         if bad:
             raise ValueError(f"--columns: no column {', '.join(map(repr, bad))} in "
                              f"{args.what}; its columns: {', '.join(names)}")
-        print(format_table(rows, cols, args.limit, origin))
+        origin = _origin(args, starts, min(starts.values(), default=0))
+        print(format_table(rows, cols, args.limit, origin, all_runs=args.all_runs))
         print(f"{len(rows)} rows")
     note_errors_of(errors)
     return 1 if errors else 0
@@ -184,8 +263,10 @@ def _add_query(sub):
     p = sub.add_parser(
         "query", help="filter tables or ask a question of a run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Query RUN (a run directory, or an output directory = its latest run; "
-        "`best` and cross-run lineage use every run in the directory).\n\n"
+        description="Query RUN: a run directory, or an output directory of runs.  Of a "
+        "directory, tables and single-run questions answer for its newest run and say which "
+        "(--all-runs: every run, each row with its run); produced, derivation and best read "
+        "every run in it.\n\n"
         "Tables (filtered by --kind --name --rank --node --since --until --where --status):\n"
         "  tasks       activities: run, stages, epochs, tasks (start/end/duration/status)\n"
         "  entities    data, hyperparameters, checkpoints (key, kind, content hash)\n"
@@ -206,7 +287,9 @@ def _add_query(sub):
         "  timeline           activities per rank in start order\n\n"
         "--where KEY OP VALUE (OP: == != > >= < <= ~glob) compares a column, or else the "
         "attribute KEY of the row's task/entity: --where lr>=0.01 --where status=error.\n"
-        "Times: --since/--until take seconds from the run's first record or ISO-8601.\n"
+        "Times: --since/--until take seconds from the run's first record or ISO-8601.  "
+        "Printed times are seconds from the first record of each row's own run "
+        "(--absolute: UTC ISO-8601); rows are sorted by run, rank, then time.\n"
         "Under mpiexec -n N, table queries divide the partitions among ranks; rank 0 prints.")
     p.add_argument("run", metavar="RUN")
     p.add_argument("what", nargs="?", default="tasks", choices=TABLE_VERBS + QUESTIONS,
@@ -228,6 +311,11 @@ def _add_query(sub):
     p.add_argument("--threshold", type=float, default=0.2,
                    help="stragglers/lagging: relative slack over the median (default 0.2)")
     p.add_argument("--origin", help="derivation: only the chain to this origin entity")
+    p.add_argument("--all-runs", action="store_true",
+                   help="of a directory of runs, answer for every run (a run column), not "
+                   "only the newest")
+    p.add_argument("--absolute", action="store_true",
+                   help="print times as UTC ISO-8601 instead of seconds from the run start")
     p.add_argument("--columns", help="comma-separated columns to print")
     p.add_argument("--limit", type=int, default=None, help="print at most N rows")
     p.add_argument("--json", action="store_true", help="print JSON")
