@@ -3,8 +3,9 @@
 A run of two partitions, one of them damaged in each of the ways a file goes bad
 (truncated, random bytes, a foreign HDF5 file, an unknown schema version, a wrong record
 dtype, string ids beyond the string table, a string table beyond its heap).  Every
-reading verb names the damaged partition on stderr, exits non-zero, prints no
-traceback, and ``export`` writes no document that silently lacks the node.
+reading verb (and ``recover``, which checks every partition's contents) names the damaged
+partition on stderr, exits non-zero, prints no traceback, and ``export`` writes no
+document that silently lacks the node.
 
 A hypothesis test mutates the bytes of one partition at random (and cuts it short):
 the reader never hangs, never raises anything but a recorded ``PartitionError`` for
@@ -91,6 +92,7 @@ VERBS = {
     "export": ["export", "{run}", "--format", "prov-json", "-o", "{out}/x.prov.json"],
     "report": ["report", "{run}", "-o", "{out}/report"],
     "index": ["index", "{run}"],
+    "recover": ["recover", "{run}"],
 }
 
 
@@ -117,6 +119,9 @@ def test_every_verb_names_a_damaged_partition_and_fails(pristine, tmp_path, caps
     assert str(bad) in cap.err, cap.err
     assert "Traceback" not in cap.err + cap.out
     assert not (tmp_path / "x.prov.json").exists(), "export wrote a document lacking a node"
+    if verb == "recover":  # a file that opens is left in place, one that does not set aside
+        assert os.path.exists(bad) or os.path.exists(str(bad) + ".corrupt")
+        assert ": ok" not in [ln for ln in cap.out.splitlines() if str(bad) in ln][0]
     if verb == "summary":  # the table itself says it lacks a node, not only stderr
         assert f"unreadable: 1 partition(s) ({bad})" in cap.out, cap.out
 

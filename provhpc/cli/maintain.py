@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from .output import emit
+from .output import UNREADABLE, emit
 
 __all__ = ["VERBS"]
 
@@ -53,15 +53,33 @@ def _cmd_recover(args) -> int:
     from ..node.recover import recover
 
     res = recover(args.run)
-    emit(args, res, "\n".join(f"{k}: {v}" for k, v in res.items()))
-    return 0
+    lines = [f"recover {res['run_dir']}"]
+    for p in res["partitions"]:
+        extra = {k: v for k, v in p.items() if k not in ("path", "action", "reason")}
+        lines.append(f"  {p['path']}: {p['action']}"
+                     + (f" ({p['reason']})" if p.get("reason") else "")
+                     + ("  " + ", ".join(f"{k} {v}" for k, v in extra.items()) if extra
+                        else ""))
+    for seg in res["segments"]:
+        lines.append(f"  segment {seg['path']} (rank {seg['rank']}, pid {seg['pid']}): "
+                     f"{seg.get('action', 'not taken')}")
+    if not res["partitions"] and not res["segments"]:
+        lines.append("  nothing to recover")
+    emit(args, res, "\n".join(lines))
+    UNREADABLE.update({p: f"{p}: {e}" for p, e in res["errors"].items()})  # on stderr
+    return 1 if res["errors"] else 0
 
 
 def _add_recover(sub):
     p = sub.add_parser("recover", help="repair partitions left by killed aggregators",
                        description="Repair the partitions of RUN left by a killed aggregator "
                        "(so they open and are marked) and salvage records left in shared-memory "
-                       "segments of dead ranks.")
+                       "segments of dead ranks.  Each partition's contents are checked (schema, "
+                       "dtypes, every record chunk, string ids): one that cannot be opened is "
+                       "moved to <file>.corrupt, one that opens but is unsound is named and left "
+                       "in place; either makes the exit status 1.",
+                       epilog="example:\n  provhpc recover prov/20261207-015636-60c943",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_recover)

@@ -21,7 +21,7 @@ from .records import RECORD_DTYPE, SCHEMA_VERSION
 __all__ = [
     "BATCH_DTYPE", "COUNTERS", "COUNTER_DTYPE", "DISK_RESERVE", "DROP_DTYPE", "LIBVER",
     "TIME_COUNTERS", "PartitionWriter", "RANK_DTYPE", "RECORD_CHUNK", "SMAP_DTYPE",
-    "STRING_DTYPE", "SWMR_READ_ATTEMPTS", "open_partition"
+    "STRING_DTYPE", "SWMR_READ_ATTEMPTS", "check_partition", "open_partition"
 ]
 
 LIBVER = ("v110", "v110")  # readable by HDF5 1.10 tools; SWMR needs >= v110
@@ -356,3 +356,42 @@ def open_partition(path: str) -> h5py.File:
         return _swmr_open(path)
     except OSError:
         return h5py.File(path, "r", locking=False)
+
+
+def check_partition(f: h5py.File, read_rows: int = 1 << 20) -> str | None:
+    """What is wrong with an open partition's contents, or None.
+
+    Checks what every reader relies on: the format tag, the schema version, the
+    datasets and their dtypes, that every record chunk decompresses, that the records'
+    string ids lie in the string table and that the table lies in its heap.  ``recover``
+    calls it on each partition (a file that opens is not yet a sound partition)."""
+    if f.attrs.get("format") != "provhpc-partition":
+        return "not a provhpc partition (no format attribute)"
+    try:
+        version = int(f.attrs.get("schema_version", SCHEMA_VERSION))
+    except (TypeError, ValueError):
+        return f"schema version {f.attrs.get('schema_version')!r} is not a number"
+    if version != SCHEMA_VERSION:
+        return f"schema version {version} is not one this provhpc reads ({SCHEMA_VERSION})"
+    for name in ("records", "strings", "string_heap", "ranks"):
+        if name not in f:
+            return f"no {name!r} dataset"
+    for name, want in (("records", RECORD_DTYPE), ("strings", STRING_DTYPE)):
+        if f[name].dtype != want:
+            return f"dataset /{name} has dtype {f[name].dtype}, not the schema's {want}"
+    try:
+        n_strings = f["strings"].shape[0]
+        idx = f["strings"][:]
+        heap = f["string_heap"].shape[0]
+        if len(idx) and int((idx["offset"] + idx["length"]).max()) > heap:
+            return f"the string table points beyond the string heap ({heap} bytes)"
+        records = f["records"]
+        for lo in range(0, records.shape[0], read_rows):
+            ids = records.fields(["name", "sval"])[lo:lo + read_rows]
+            if len(ids) and max(int(ids["name"].max()), int(ids["sval"].max())) >= n_strings:
+                return f"records name string ids beyond the string table ({n_strings})"
+        f["ranks"][:]  # noqa: B018 - reading is the check
+        f["string_heap"][:]  # noqa: B018
+    except (OSError, KeyError, RuntimeError, ValueError) as exc:
+        return f"cannot read its data ({exc})"
+    return None

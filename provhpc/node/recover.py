@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from ..format import records as R
-from ..format.partition import PartitionWriter, open_partition
+from ..format.partition import PartitionWriter, check_partition, open_partition
 from ..format.segment import FREE, Segment, parse_segment_name, shm_dir
 from ..format.strings import StringMap, unknown_ids, valid_definition
 from .aggregator import pid_alive
@@ -41,7 +41,8 @@ def recover(run_dir: str, force: bool = False) -> dict:
     """Repair the partitions of ``run_dir`` and add the run's leftover segments.
 
     Returns a report: per partition the action taken (``ok``, ``rebuilt``,
-    ``created``, ``corrupt``, ``in_use``) and record counts, per segment what
+    ``created``, ``corrupt`` (cannot be opened: moved aside), ``damaged`` (opens but its
+    contents are unsound: left in place), ``in_use``) and record counts, per segment what
     was salvaged.  ``force`` also takes segments of live processes and
     partitions whose writer still runs (only for a writer known to be hung).
     """
@@ -92,11 +93,17 @@ def _partitions(run_dir: str, report: dict) -> list:
         try:
             with open_partition(path) as f:
                 node = str(f.attrs.get("node", name[:-3]))
+                problem = check_partition(f)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is set aside, never fatal
             corrupt = _unused(path + ".corrupt")
             os.replace(path, corrupt)
             report["errors"][path] = f"cannot open ({exc}); moved to {corrupt}"
             report["partitions"].append({"path": path, "action": "corrupt", "moved_to": corrupt})
+            continue
+        if problem:  # opens, but its contents are unsound: named, left as it is, not ok
+            report["errors"][path] = f"damaged partition: {problem}; left in place"
+            report["partitions"].append({"path": path, "action": "damaged",
+                                         "reason": problem})
             continue
         out.append((node, path))
     return out
