@@ -15,6 +15,7 @@ retries a bad checksum 100 times with a doubling sleep (``open_partition`` bound
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -168,3 +169,43 @@ def test_a_mutated_partition_is_an_error_never_a_crash_or_a_hang(pristine, tmp_p
             assert "node-a" in s["nodes"], s["nodes"]
     finally:
         shutil.rmtree(d)
+
+
+PARTIAL = {
+    "summary": ["summary", "{run}", "--partial", "--json"],
+    "query-tasks": ["query", "{run}", "tasks", "--partial", "--json"],
+    "query-capture": ["query", "{run}", "capture", "--partial", "--json"],
+    "lineage": ["lineage", "{run}", "checkpoints/model-0.05.npy", "--partial", "--json"],
+    "export": ["export", "{run}", "--format", "prov-json", "-o", "{out}/x.prov.json",
+               "--partial"],
+    "report": ["report", "{run}", "-o", "{out}/report", "--partial"],
+}
+
+
+@pytest.mark.parametrize("verb", PARTIAL)
+def test_partial_answers_are_marked_with_the_missing_partition(pristine, tmp_path, capsys,
+                                                               verb):
+    """--partial goes on with the readable node, exits 0, still names the damaged file on
+    stderr, and marks the answer: partial and missing_partitions in the JSON, the bundle
+    attributes of the PROV document, the report page."""
+    if verb == "report":
+        pytest.importorskip("matplotlib")
+    if verb == "export":
+        pytest.importorskip("prov")
+    run = tmp_path / "run-1"
+    shutil.copytree(pristine, run)
+    bad = run / "node-b.h5"
+    _damage(str(bad), "truncated")
+    rc = main([a.format(run=run, out=tmp_path) for a in PARTIAL[verb]])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert str(bad) in cap.err
+    if verb == "export":
+        doc = (tmp_path / "x.prov.json").read_text()
+        assert "provhpc:missing_partitions" in doc and str(bad) in doc
+    elif verb == "report":
+        page = (tmp_path / "report" / "index.html").read_text()
+        assert "Partial report" in page and str(bad) in page
+    else:
+        res = json.loads(cap.out)
+        assert res["partial"] is True and res["missing_partitions"] == [str(bad)], res

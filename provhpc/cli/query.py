@@ -82,9 +82,14 @@ def _cmd_query(args) -> int:
         else:
             run, _ = _scope(args, src)
             res, text = _answer(args, src, run)
-        errors = getattr(src, "errors", {})
+        errors = dict(getattr(src, "errors", {}))
+    if isinstance(res, dict):
+        res = {**res, "partial": bool(errors), "missing_partitions": sorted(errors)}
+    if errors and not args.json:
+        text = f"partial: {len(errors)} partition(s) could not be read\n{text}"
     emit(args, res, text)
-    return 1 if errors else 0  # each unreadable partition is named by provhpc.cli.main
+    # each unreadable partition is named on stderr by provhpc.cli.main
+    return 1 if errors and not args.partial else 0
 
 
 def _answer_all(args, runs) -> tuple[Any, str]:
@@ -191,7 +196,8 @@ def _query_table(args, comm) -> int:
     ids = sorted({str(r) for r in rows["run"].tolist()}, key=lambda r: order.get(r, -1))
     if args.json:
         print(dump({"rows": rows, "count": len(rows), "runs": ids or
-                    [r.run_id for r in runs], "partition_errors": errors}))
+                    [r.run_id for r in runs], "partial": bool(errors),
+                    "missing_partitions": sorted(errors), "partition_errors": errors}))
     else:
         cols = args.columns.split(",") if args.columns else None
         names = rows.dtype.names or ()
@@ -200,10 +206,12 @@ def _query_table(args, comm) -> int:
             raise ValueError(f"--columns: no column {', '.join(map(repr, bad))} in "
                              f"{args.what}; its columns: {', '.join(names)}")
         origin = _origin(args, starts, min(starts.values(), default=0))
+        if errors:
+            print(f"partial: {len(errors)} partition(s) could not be read")
         print(format_table(rows, cols, args.limit, origin, all_runs=args.all_runs))
         print(f"{len(rows)} rows")
     note_errors_of(errors)
-    return 1 if errors else 0
+    return 1 if errors and not args.partial else 0
 
 
 def _format_produced(res) -> str:
@@ -318,7 +326,12 @@ def _add_query(sub):
                    help="print times as UTC ISO-8601 instead of seconds from the run start")
     p.add_argument("--columns", help="comma-separated columns to print")
     p.add_argument("--limit", type=int, default=None, help="print at most N rows")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (tables and dict answers carry partial and "
+                   "missing_partitions)")
+    p.add_argument("--partial", action="store_true",
+                   help="an answer from the readable partitions is an answer: exit 0 when "
+                   "some cannot be read (they are still named on stderr)")
     p.set_defaults(func=_cmd_query)
 
 

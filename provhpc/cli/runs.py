@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from .output import (
@@ -61,18 +62,30 @@ def _cmd_summary(args) -> int:
         s = summary(single_run(run), comm)
     if s is None:
         return 0
+    s["partial"] = bool(s["partition_errors"])
+    s["missing_partitions"] = sorted(s["partition_errors"])
     emit(args, s, format_summary(s))
     UNREADABLE.update(s["partition_errors"])  # (gathered from every rank under MPI)
-    return 1 if s["partition_errors"] else 0  # each named on stderr by provhpc.cli.main
+    # each named on stderr by provhpc.cli.main; --partial accepts a partial answer
+    return 1 if s["partition_errors"] and not args.partial else 0
 
 
 def _add_summary(sub):
     p = sub.add_parser("summary", help="ranks, nodes, records by kind, drops of a run",
                        description="Summarise a run: RUN is a run directory (or an output "
-                       "directory, meaning its latest run).  Under mpiexec -n N the partitions "
-                       "are divided among the ranks and rank 0 prints.")
+                       "directory, meaning its newest run).  Under mpiexec -n N the partitions "
+                       "are divided among the ranks and rank 0 prints.  A partition that cannot "
+                       "be read is named on stderr and in the summary, and the exit status is "
+                       "1 unless --partial.",
+                       epilog="examples:\n  provhpc summary prov/latest\n"
+                       "  mpiexec -n 4 provhpc summary prov/latest --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (with partial and missing_partitions)")
+    p.add_argument("--partial", action="store_true",
+                   help="a summary of the readable partitions is an answer: exit 0 when some "
+                   "cannot be read (they are still named)")
     p.set_defaults(func=_cmd_summary)
 
 
