@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -13,7 +14,8 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "ABSOLUTE", "UNREADABLE", "dump", "emit", "format_summary", "format_table", "friendly",
+    "ABSOLUTE", "UNREADABLE", "dump", "emit", "format_code", "format_summary", "format_table",
+    "friendly",
     "iso_ns", "jsonable", "note_errors", "open_source", "parse_ranks", "require_all", "rows_of",
     "single_run"
 ]
@@ -168,12 +170,28 @@ def single_run(source):
     return source.latest if hasattr(source, "runs") else source
 
 
+def format_code(code: dict, env: dict) -> str:
+    """One line: the script, its git commit, branch and state, Python and key packages."""
+    git = code.get("git") or {}
+    where = (f" @ {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}"
+             f" on {git.get('branch') or 'detached HEAD'}" if git.get("commit")
+             else " (not in a git work tree)")
+    pkgs = env.get("packages") or {}
+    shown = ", ".join(f"{k} {pkgs[k]}" for k in ("torch", "numpy", "mpi4py", "provhpc")
+                      if k in pkgs)
+    py = (env.get("python") or {}).get("version")
+    return (f"code {os.path.basename(code.get('script') or '') or '?'}{where}"
+            + (f"   python {py}" if py else "") + (f", {shown}" if shown else ""))
+
+
 def format_summary(s: dict) -> str:
     lines = [f"run {s['run_id']}  ({s['path']})",
              f"nodes {len(s['nodes'])}: {', '.join(s['nodes'])}   ranks {s['world_size']}   "
              f"duration {s['duration_s']:.2f} s   status {s['status'] or '?'}",
              f"records {s['records_total']}   dropped {s['dropped_total']}"
              + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
+    if s.get("code"):
+        lines.append(format_code(s["code"], s.get("environment") or {}))
     kinds = ["activity_start", "activity_end", "entity", "relation", "attribute", "metric"]
     short = ["act+", "act-", "entity", "rel", "attr", "metric"]
     lines.append("")

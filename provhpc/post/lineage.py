@@ -28,7 +28,8 @@ import numpy as np
 from .prov import document
 from .tables import as_table, lookup, pair_keys
 
-__all__ = ["EDGE_DTYPE", "Graph", "Lineage", "NODE_DTYPE", "entity_identity", "graph", "lineage"]
+__all__ = ["CODE_ID", "EDGE_DTYPE", "Graph", "Lineage", "NODE_DTYPE", "code_label",
+           "entity_identity", "graph", "lineage"]
 
 NODE_DTYPE = np.dtype([
     ("node", "<i8"), ("type", "O"), ("run", "O"), ("rank", "<i4"), ("id", "<u8"),
@@ -77,6 +78,7 @@ class Graph:
                 np.asarray(run.relations())
             cwd = (run.manifest.get("meta") or {}).get("cwd", "")
             ident = entity_identity(run.run_id, cwd, e["kind"], e["key"], e["hash"])
+            e, ident, r = _with_code(run, t, e, ident, r)
             kt, ke, ks, ko = pair_keys((t["rank"], t["id"]), (e["rank"], e["id"]),
                                        (r["rank"], r["subject"]), (r["rank"], r["object"]))
             keys = np.concatenate([kt, ke])
@@ -118,8 +120,11 @@ class Graph:
             en["start"], en["end"], en["status"] = rep["t"], -1, ""
             en["identity"] = uniq.astype(object)
             nodes[n_act:] = en
-        self.entity_of_record = n_act + inverse  # logical entity node of each entity record
-        self._entity_records = e
+        # the logical entity node of each entity record of the runs' tables (not of the
+        # code entities this graph adds: an index stores it beside those tables)
+        real = e["id"] != CODE_ID if e is not None else np.zeros(0, bool)
+        self.entity_of_record = (n_act + inverse)[real]
+        self._entity_records = e[real] if e is not None else None
         self._nodes, self._stored_nodes = as_table(nodes), None
         self.n_activities = n_act
 
@@ -284,6 +289,45 @@ class Graph:
         if n["type"] == "activity":
             return f"{n['kind']} {n['name']} (rank {n['rank']}, {n['rank']}:{n['id']})"
         return f"{n['kind']} {n['name']}"
+
+
+CODE_ID = 1 << 63  # the record id of a run's code entity (no rank's ids reach it)
+
+
+def code_label(code: dict) -> tuple[str, str]:
+    """The key of a run's code entity and its identity suffix (None: one per run)."""
+    script = os.path.basename(code.get("script") or "") or "program"
+    git = code.get("git") or {}
+    commit = git.get("commit")
+    if not commit:
+        return script, ""
+    state = " (dirty)" if git.get("dirty") else ""
+    return f"{script} @ {commit[:12]}{state}", "" if state else f"code:{script}@{commit}"
+
+
+def _with_code(run, t, e, ident, r):
+    """Add the run's code (script, command, git state) as an entity of kind ``code`` that
+    each of its activities used: one record per rank, one logical entity per run, the same
+    entity across runs of one clean commit of one script."""
+    if not len(t):
+        return e, ident, r
+    code = run.code()
+    if not (code["script"] or code["command"]):
+        return e, ident, r
+    key, shared = code_label(code)
+    ranks, first, inverse = np.unique(t["rank"], return_index=True, return_inverse=True)
+    start = np.full(len(ranks), np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(start, inverse, t["start"].astype(np.int64))
+    ce = np.zeros(len(ranks), e.dtype)
+    ce["run"], ce["rank"], ce["id"], ce["activity"] = run.run_id, ranks, CODE_ID, 0
+    ce["node"], ce["key"], ce["kind"], ce["hash"], ce["t"] = t["node"][first], key, "code", \
+        "", start
+    cid = np.full(len(ranks), shared or f"run:{run.run_id}:code:{key}", object)
+    cr = np.zeros(len(t), r.dtype)
+    cr["run"], cr["node"], cr["rank"], cr["subject"] = run.run_id, t["node"], t["rank"], t["id"]
+    cr["relation"], cr["object"], cr["t"] = "used", CODE_ID, t["start"]
+    return (np.concatenate([e, ce]), np.concatenate([np.asarray(ident, object), cid]),
+            np.concatenate([r, cr]))
 
 
 def _spellings(spec: str, cwd: str):

@@ -14,7 +14,9 @@ task                   Activity, ``provhpc:TaskExecution``
 data / shard / split   Entity, ``provhpc:Dataset``
 hyperparameters        Entity, ``provhpc:HyperparameterSet``
 checkpoint / model     Entity, ``provhpc:Model``
-code                   Entity, ``provhpc:Code``
+code                   Entity, ``prov:Plan`` + ``provhpc:Code``: script, command,
+                       git commit/branch/dirty, Python and package versions; every
+                       activity ``wasAssociatedWith`` its rank with it as the plan
 metric series          Entity + Collection, ``provhpc:MetricSeries``
 person / job / node    Agent (``prov:Person``), ``provhpc:Job``, ``provhpc:Node``
 rank process           Agent, ``prov:SoftwareAgent`` + ``provhpc:RankProcess``
@@ -99,6 +101,14 @@ class _Builder:
             self.keep = np.zeros(len(self.g.nodes), bool)
             self.keep[lineage.node_index] = True
         self.ids: dict[int, object] = {}
+        # each activity's plan: the code entity of its run (lineage.CODE_ID), which it used
+        nodes, edges = np.asarray(g.nodes), np.asarray(g.edges)
+        is_code = (nodes["type"] == "entity") & (nodes["kind"] == "code")
+        self.code_nodes = set(np.flatnonzero(is_code).tolist())
+        to_code = (edges["relation"] == R.USED) & is_code[edges["dst"]] if len(edges) else \
+            np.zeros(0, bool)
+        self.plan_of = dict(zip(edges["src"][to_code].tolist(), edges["dst"][to_code].tolist()))
+        self.run_of = {r.run_id: r for r in self.runs}
 
     def t(self, name):
         return self.ns[name]
@@ -142,7 +152,9 @@ class _Builder:
             qn = ns[f"a{n['rank']}_{n['id']}"]
         else:
             ident = str(n["identity"])
-            if ident.startswith("run:"):
+            if ident.startswith("run:") and n["kind"] == "code":
+                qn = ns["code"]
+            elif ident.startswith("run:"):
                 qn = ns[f"e{n['rank']}_{n['id']}"]
             else:
                 digest = hashlib.sha1(ident.encode()).hexdigest()[:20]
@@ -167,8 +179,10 @@ class _Builder:
                 end = _dt_ns(int(n["end"])) if n["end"] >= 0 else None
                 act = self.doc.activity(self.node_id(i), _dt_ns(int(n["start"])), end, attrs)
                 rank_agent = ranks.get(int(n["rank"]))
-                if rank_agent is not None:
-                    self.doc.wasAssociatedWith(act, rank_agent)
+                plan = self.plan_of.get(i)
+                if rank_agent is not None:  # the rank process ran it, following the code
+                    self.doc.wasAssociatedWith(act, rank_agent,
+                                               self.node_id(plan) if plan is not None else None)
                 if kind == "run":
                     if str(n["host"]) in nodes:
                         self.doc.wasAssociatedWith(act, nodes[str(n["host"])])
@@ -181,7 +195,28 @@ class _Builder:
                          self.t("kind"): kind, **extra}
                 if n["hash"]:
                     attrs[self.t("hash")] = str(n["hash"])
+                if kind == "code":
+                    self.doc.entity(self.node_id(i), [("prov:type", self.pm.PROV["Plan"]),
+                                                      *attrs.items(),
+                                                      *self.code_attributes(str(n["run"]))])
+                    continue
                 self.doc.entity(self.node_id(i), attrs)
+
+    def code_attributes(self, run_id: str) -> list:
+        """The code entity's attributes: script, command, git state, Python, packages."""
+        run = self.run_of.get(run_id)
+        if run is None:
+            return []
+        code, env = run.code(), run.environment()
+        out = [(self.t("script"), code["script"]), (self.t("command"), " ".join(code["command"])),
+               (self.t("cwd"), code["cwd"])]
+        git = code["git"] or {}
+        for k in ("commit", "branch", "dirty"):
+            if git.get(k) is not None:
+                out.append((self.t(f"git_{k}"), _literal(git[k])))
+        out.append((self.t("python"), str((env["python"] or {}).get("version", ""))))
+        out += [(self.t(f"version_{_local(k)}"), str(v)) for k, v in env["packages"].items()]
+        return out
 
     def add_edges(self) -> None:
         e = np.asarray(self.g.edges)
@@ -190,6 +225,8 @@ class _Builder:
         gen_by: dict[int, list] = {}
         for src, rel, dst, t in zip(e["src"].tolist(), e["relation"].tolist(),
                                     e["dst"].tolist(), e["t"].tolist()):
+            if rel == R.USED and dst in self.code_nodes:
+                continue  # stated as the plan of the activity's association
             s, d = self.node_id(src), self.node_id(dst)
             when = _dt_ns(t)
             if rel == R.USED:
@@ -207,7 +244,7 @@ class _Builder:
                 self.doc.influence(s, d, other_attributes={self.t("relation"): rel})
         seen = set()
         for src, rel, dst in zip(e["src"].tolist(), e["relation"].tolist(), e["dst"].tolist()):
-            if rel != R.USED:
+            if rel != R.USED or dst in self.code_nodes:
                 continue
             for gen in gen_by.get(dst, ()):
                 if gen != src and (src, gen) not in seen:

@@ -460,12 +460,64 @@ class Run(_Tables):
                             "reason": d["reason"].decode(), "count": int(d["count"])})
         return out
 
-    def metadata(self) -> dict:
-        """Job, launcher, nodes, ranks, effective configuration, versions, drops."""
-        m = self.manifest
-        meta = dict(m.get("meta") or {})
+    def _meta(self) -> dict:
+        meta = dict(self.manifest.get("meta") or {})
         if not meta and self.partitions:
-            meta = self.partitions[0].attrs.get("meta") or {}
+            meta = dict(self.partitions[0].attrs.get("meta") or {})
+        return meta
+
+    def code(self) -> dict:
+        """The code the run executed: script, command, working directory and git state
+        (``commit``, ``branch``, ``dirty``, ``root``; None where the script is in no git
+        work tree).  The lineage graph holds it as the run's ``code`` entity."""
+        meta = self._meta()
+        env = meta.get("environment") or {}
+        argv = list(env.get("command") or meta.get("argv") or [])
+        script = env.get("script") or next((a for a in argv[1:] if a.endswith(".py")),
+                                           argv[0] if argv else "")
+        git = env.get("git") or {}
+        return {"script": script, "command": argv, "cwd": meta.get("cwd", ""),
+                "git": {k: git.get(k) for k in ("commit", "branch", "dirty", "root")}
+                if git else None}
+
+    def environment(self) -> dict:
+        """Python, platform, host, package versions (torch included when installed) and the
+        captured environment variables of rank 0."""
+        meta = self._meta()
+        env = meta.get("environment") or {}
+        versions = ("provhpc", "numpy", "h5py", "pyzmq", "mpi4py", "torch")
+        return {"python": env.get("python") or {"version": meta.get("python")},
+                "platform": env.get("platform") or {}, "host": env.get("host", ""),
+                "packages": env.get("packages") or {k: meta[k] for k in versions if k in meta},
+                "env": env.get("env") or {}}
+
+    def hyperparameters(self) -> list[dict]:
+        """Every hyperparameters entity with its values; one row for the ranks that logged
+        the same key and values (``ranks``), one per distinct set otherwise."""
+        e = np.asarray(self.entities())
+        e = e[e["kind"] == "hyperparameters"]
+        a = np.asarray(self.attributes())
+        a = a[a["role"] == "attribute"] if len(a) else a
+        by_owner: dict[tuple, dict] = {}
+        for rank, owner, key, value in zip(a["rank"].tolist(), a["owner"].tolist(),
+                                           a["key"].tolist(), a["value"].tolist()):
+            by_owner.setdefault((rank, owner), {})[key] = value
+        rows: dict[tuple, dict] = {}
+        for rank, ident, key in zip(e["rank"].tolist(), e["id"].tolist(), e["key"].tolist()):
+            values = {k: v for k, v in by_owner.get((rank, ident), {}).items() if k != "hash"}
+            sig = (key, json.dumps(values, sort_keys=True, default=str))
+            row = rows.setdefault(sig, {"key": key, "values": values, "ranks": []})
+            if rank not in row["ranks"]:
+                row["ranks"].append(rank)
+        for row in rows.values():
+            row["ranks"].sort()
+        return sorted(rows.values(), key=lambda r: (r["ranks"][0], r["key"]))
+
+    def metadata(self) -> dict:
+        """Job, launcher, nodes, ranks, effective configuration, versions, code,
+        environment, drops."""
+        m = self.manifest
+        meta = self._meta()
         config = m.get("config") or (self.partitions[0].attrs.get("config")
                                      if self.partitions else {}) or {}
         version_keys = ("provhpc", "python", "numpy", "h5py", "pyzmq", "hdf5")
@@ -485,6 +537,7 @@ class Run(_Tables):
             "versions": {**{k: meta[k] for k in version_keys if k in meta},
                          **({"writer": self.partitions[0].attrs.get("writer", "")}
                             if self.partitions else {})},
+            "code": self.code(), "environment": self.environment(),
             "dropped_by_reason": _drop_reasons(self.drops()),
             "partition_errors": dict(self.errors),
         }
@@ -678,6 +731,8 @@ def _combine(run, parts: list) -> dict:
         "counters": counters,
         "duration_s": (max(t1s) - min(t0s)) / 1e9 if t0s else 0.0,
         "status": run.manifest.get("status"),
+        "code": run.code(),
+        "environment": {k: v for k, v in run.environment().items() if k != "env"},
     }
 
 
