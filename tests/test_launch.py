@@ -165,6 +165,8 @@ def test_exception_in_one_rank_aborts_the_job_with_its_records(venv_bin, clean_e
     with Run(path) as run:
         ranks = {r["rank"]: r for r in run.ranks()}
         assert ranks[2]["status"] == "error"
+        # the job is gone: the run is not 'running', whatever its manifest was left saying
+        assert run.status == "error", (run.manifest.get("status"), run.status)
         np.testing.assert_array_equal(metric_values(run, 2), 2e6 + np.arange(501))
         p = run.partitions[0]
         recs, strings = p.records(), p.strings

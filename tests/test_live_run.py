@@ -63,6 +63,7 @@ def test_a_running_job_reads_as_live_and_a_dead_one_does_not(venv_bin, clean_env
         s = json.loads(out)
         (part,) = s["partitions"]
         assert part["live"] and not part["complete"], part
+        assert s["status"] == "running" and not s["status_note"], s["status"]
         ranks = {r["rank"]: r for r in s["ranks"] if r["role"] == "rank"}
         assert [ranks[r]["status"] for r in (0, 1)] == ["running", "running"]
         for r in (0, 1):  # what is stored so far, not 0: 300 metrics and the rest
@@ -83,6 +84,15 @@ def test_a_running_job_reads_as_live_and_a_dead_one_does_not(venv_bin, clean_env
         # every open activity of the dead job, its run activities included, is a failure
         assert sorted(f["name"] for f in json.loads(out)) == ["prog.py", "prog.py", "train",
                                                               "train"]
+        kill_tree(proc)
+        deadline = time.monotonic() + 10  # until the killed ranks are reaped
+        while True:
+            rc, out, _ = _cli(venv_bin, env, "summary", run, "--json")
+            s = json.loads(out)  # every process is gone: the run no longer reads as running
+            if s["status"] != "running" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert s["status"] == "killed" and "manifest says running" in s["status_note"], s
     finally:
         kill_tree(proc)
         remove_segments("live")

@@ -187,7 +187,8 @@ def format_code(code: dict, env: dict) -> str:
 def format_summary(s: dict) -> str:
     lines = [f"run {s['run_id']}  ({s['path']})",
              f"nodes {len(s['nodes'])}: {', '.join(s['nodes'])}   ranks {s['world_size']}   "
-             f"duration {s['duration_s']:.2f} s   status {s['status'] or '?'}",
+             f"duration {s['duration_s']:.2f} s   status {s['status'] or '?'}"
+             + (f" ({s['status_note']})" if s.get("status_note") else ""),
              f"records {s['records_total']}   dropped {s['dropped_total']}"
              + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
     if s.get("code"):

@@ -35,7 +35,7 @@ def _cmd_ls(args) -> int:
         from ..post.query import iso
 
         rows.append({"run_id": run.run_id, "start": iso(m.get("start") or -1),
-                     "status": m.get("status") or "?", "nodes": len(nodes),
+                     "status": run.status, "nodes": len(nodes),
                      "ranks": meta.get("world_size"), "records": records,
                      "program": os.path.basename(prog), "errors": len(run.errors)})
         note_errors(run)  # named on stderr by provhpc.cli.main; the verb exits 1

@@ -340,6 +340,44 @@ class Run(_Tables):
         return self._partitions
 
     @property
+    def status(self) -> str:
+        """How the run ended: the manifest's final status (``ok``, ``error``, ``killed``…),
+        ``running`` only while an aggregator still writes it.  A manifest left at
+        ``running`` by a job whose processes are gone (rank 0 killed before it wrote the
+        end) reads from its ranks: ``error`` if one raised, else ``killed`` if one ended
+        without a goodbye, else ``ended`` (no final status was written)."""
+        status = self.manifest.get("status")
+        if status not in (None, "running") or self.live or self._a_rank_runs_here():
+            return status or "running"
+        ranks = [r["status"] for r in self.ranks() if r["role"] == "rank"]
+        if "error" in ranks:
+            return "error"
+        if any(r in ("killed", "salvaged", "lost", "running") for r in ranks):
+            return "killed"
+        return "ended" if ranks else "unknown"
+
+    def _a_rank_runs_here(self) -> bool:
+        """A rank said to be running whose process is alive on this host (its aggregator
+        may be gone while the job goes on)."""
+        here = socket.gethostname()
+        for p in self.partitions:
+            if p.f.attrs.get("writer_host") != here:
+                continue
+            for r in p.ranks():
+                if r["status"].decode() == "running" and _pid_alive(int(r["pid"])):
+                    return True
+        return False
+
+    @property
+    def status_note(self) -> str:
+        """Why ``status`` differs from the manifest's, or ''."""
+        said = self.manifest.get("status")
+        if said == "running" and self.status != "running":
+            return ("the manifest says running, but nothing writes the run any more: read "
+                    "from its ranks")
+        return ""
+
+    @property
     def live(self) -> bool:
         """Is an aggregator of this run still writing (a partition is ``live``)?"""
         return any(p.live for p in self.partitions)
@@ -523,7 +561,8 @@ class Run(_Tables):
         version_keys = ("provhpc", "python", "numpy", "h5py", "pyzmq", "hdf5")
         ranks = self.ranks()
         return {
-            "run_id": self.run_id, "path": self.path, "status": m.get("status"),
+            "run_id": self.run_id, "path": self.path, "status": self.status,
+            "status_note": self.status_note,
             "exit_code": m.get("exit_code"), "start": m.get("start"), "end": m.get("end"),
             "job": {"id": meta.get("job_id", ""), "step": meta.get("step_id", ""),
                     "user": meta.get("user", ""), "argv": meta.get("argv", []),
@@ -730,7 +769,7 @@ def _combine(run, parts: list) -> dict:
         "records_by_kind": kinds_total,
         "counters": counters,
         "duration_s": (max(t1s) - min(t0s)) / 1e9 if t0s else 0.0,
-        "status": run.manifest.get("status"),
+        "status": run.status, "status_note": run.status_note,
         "code": run.code(),
         "environment": {k: v for k, v in run.environment().items() if k != "env"},
     }
