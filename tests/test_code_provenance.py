@@ -96,6 +96,14 @@ def test_code_and_environment_in_every_view(venv_bin, clean_env, repo):
     assert plan["provhpc:git_commit"] == commit
     assert any(a.get("prov:plan") == plan_id for a in doc["wasAssociatedWith"].values())
 
+    rep = repo / "rep"
+    _cli(venv_bin, clean_env, "report", run, "-o", str(rep))
+    page = (rep / "index.html").read_text()
+    card = page[:page.index("<h2>Inputs and outputs</h2>")]
+    assert commit in card and "on branch science" in card and "uncommitted" not in card
+    svg = page[page.index("<h2>Lineage</h2>"):page.index("<h2>Metrics</h2>")]
+    assert ">code<" in svg and f"train.py @ {commit[:12]}" in svg
+
     (repo / "train.py").write_text((repo / "train.py").read_text() + "\n# an edit\n")
     dirty = _run(venv_bin, clean_env, repo)
     assert dirty != run

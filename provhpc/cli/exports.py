@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .output import dump, emit, open_source, require_all, single_run
@@ -58,10 +59,17 @@ def _cmd_report(args) -> int:
 
 
 def _add_report(sub):
-    p = sub.add_parser("report", help="a static HTML page with plots of a run",
-                       description="Write OUTPUT/index.html with PNG plots: per-rank timeline "
-                       "of tasks, stages and epochs; metric curves per rank; records and drops "
-                       "per rank; plus the summary and capture statistics.  Needs matplotlib.")
+    p = sub.add_parser("report", help="one self-contained HTML page about a run",
+                       description="Write OUTPUT/index.html, one file readable offline (plots "
+                       "embedded; the PNGs are also written beside it): the run card (who, "
+                       "when, job, nodes, ranks, how it ended, code version, hyperparameters), "
+                       "inputs and outputs with their identities, the lineage of each model as "
+                       "a graph, ML metric curves per rank, telemetry per node, a labelled "
+                       "timeline per rank, failures, stragglers, capture statistics and drops.  "
+                       "RUN may be an output directory: its newest run.  Needs matplotlib.",
+                       epilog="examples:\n  provhpc report prov/latest -o report\n"
+                       "  chromium --headless --screenshot=report.png report/index.html",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN")
     p.add_argument("--output", "-o", metavar="DIR",
                    help="output directory (default ./provhpc-report-<run_id>)")
