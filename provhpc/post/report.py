@@ -65,24 +65,40 @@ def plot_timeline(run, path: str) -> str:
     colour = {n: _PALETTE[i % len(_PALETTE)] for i, n in enumerate(names)}
     fig, ax = plt.subplots(figsize=(11, 1.2 + 1.1 * len(ranks)), layout="constrained")
     span = max((t_end - t0) / 1e9, 1e-9)
-    for y, rank in enumerate(ranks):
-        rows = t[t["rank"] == rank]
-        for lane, kind in enumerate(_LANES):
-            sel = rows[rows["type"] == kind]
-            top = y - 0.42 + lane * 0.21
-            for r in sel:
-                start = (int(r["start"]) - t0) / 1e9
-                end = (int(r["end"] if r["end"] >= 0 else t_end) - t0) / 1e9
-                face = {"run": "#e5e5e5", "epoch": "#b7d7b0"}.get(kind) or colour[r["name"]]
-                ax.broken_barh([(start, max(end - start, span / 2000))], (top, 0.19),
-                               facecolors=face, edgecolor="white", linewidth=0.4)
-                label = (f"e{r['index']}" if kind == "epoch" and r["index"] != R.NO_STEP
-                         else str(r["name"]))
-                if kind != "task" and (end - start) > span * 0.012 * max(len(label), 2):
-                    ax.text((start + end) / 2, top + 0.095, label, ha="center",
-                            va="center", fontsize=7, clip_on=True)
-                if r["status"] not in ("ok", "running"):
-                    ax.plot(end, top + 0.095, "kx", ms=6)
+    start_s = (t["start"].astype(np.int64) - t0) / 1e9
+    end_s = (np.where(t["end"] >= 0, t["end"], t_end).astype(np.int64) - t0) / 1e9
+    lane_of = {k: i for i, k in enumerate(_LANES)}
+    y_of = {r: i for i, r in enumerate(ranks)}
+    lane = np.array([lane_of.get(k, 3) for k in t["type"].tolist()])
+    top = np.array([y_of[r] for r in t["rank"].tolist()]) - 0.42 + lane * 0.21
+    face = np.array([{"run": "#e5e5e5", "epoch": "#b7d7b0"}.get(k) or colour.get(n, "#999")
+                     for k, n in zip(t["type"].tolist(), t["name"].tolist())], object)
+    width = np.maximum(end_s - start_s, span / 400)  # a 0.1 ms stage still shows
+    # a stage inside a stage or an epoch (validate in each epoch of train) is drawn in
+    # the lower half of the lane, over the stage that holds it, so that both show
+    inner = {(r, i) for r, i, k in zip(t["rank"].tolist(), t["id"].tolist(),
+                                       t["type"].tolist()) if k in ("stage", "epoch")}
+    nested = np.array([k == "stage" and (r, p) in inner for r, p, k in
+                       zip(t["rank"].tolist(), t["parent"].tolist(), t["type"].tolist())],
+                      bool)
+    height = np.where(nested, 0.095, 0.19)
+    top = np.where(nested, top + 0.095, top)
+    # one call per (lane top, height, colour): a million tasks draw as a few hundred calls
+    groups: dict[tuple, list] = {}
+    for i, key in enumerate(zip(top.round(3).tolist(), height.tolist(), face.tolist())):
+        groups.setdefault(key, []).append(i)
+    for (y0, h, fc), idx in groups.items():
+        ax.broken_barh(list(zip(start_s[idx].tolist(), width[idx].tolist())), (y0, h),
+                       facecolors=fc, edgecolor="white", linewidth=0.3 if h > 0.1 else 0)
+    labels = [f"e{i}" if k == "epoch" and i != R.NO_STEP else str(n)
+              for k, n, i in zip(t["type"].tolist(), t["name"].tolist(), t["index"].tolist())]
+    wide = np.flatnonzero((lane < 3) & ~nested & ((end_s - start_s) > span * 0.012 *
+                                        np.maximum([len(x) for x in labels], 2)))
+    for i in wide[:400].tolist():  # names on the bars wide enough to hold them
+        ax.text((start_s[i] + end_s[i]) / 2, top[i] + 0.095, labels[i], ha="center",
+                va="center", fontsize=7, clip_on=True)
+    bad = np.flatnonzero(~np.isin(t["status"], ["ok", "running"]))
+    ax.plot(end_s[bad], top[bad] + 0.095, "kx", ms=6, linestyle="none")
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.5, -0.5)
     last = max([int(x) for x in t["end"].tolist() if x >= 0] or [t_end])
