@@ -8,6 +8,7 @@ import pytest
 from _post_runs import build_run
 
 import provhpc
+from provhpc.format import records as R
 from provhpc.post.reader import Collection, PartitionError, Run, summary
 
 
@@ -120,3 +121,25 @@ def test_merge_compacts_partitions(run_dir, tmp_path):
     with pytest.raises(FileExistsError):
         merge([run_dir], str(tmp_path / "m"))
     shutil.rmtree(tmp_path / "m")
+
+
+def test_pandas_tables_have_datetimes_and_na(run_dir):
+    """Times are UTC datetimes (NaT for an activity that has not ended), no step is NA
+    (never INT64_MIN), an empty hash or error is NA."""
+    pd = pytest.importorskip("pandas")
+    run = provhpc.open(run_dir)
+    t = run.tasks()
+    df = t.to_pandas()
+    assert str(df["start"].dtype) == "datetime64[ns, UTC]"
+    assert df["start"].iloc[0] == pd.Timestamp(int(t["start"][0]), unit="ns", tz="UTC")
+    open_ = np.asarray(t["end"]) < 0
+    assert df["end"].isna().tolist() == open_.tolist()
+    no_index = np.asarray(t["index"]) == R.NO_STEP
+    assert no_index.any() and df["index"].isna().tolist() == no_index.tolist()
+    assert df["index"].min() >= 0  # no INT64_MIN left
+    assert df["error"].isna().tolist() == (np.asarray(t["error"]) == "").tolist()
+    m = run.metrics().to_pandas()
+    assert str(m["t"].dtype) == "datetime64[ns, UTC]" and str(m["step"].dtype) == "Int64"
+    e = run.entities()
+    assert run.entities().to_pandas()["hash"].isna().tolist() == \
+        (np.asarray(e["hash"]) == "").tolist()

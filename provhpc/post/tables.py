@@ -17,9 +17,10 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "ATTRIBUTE_DTYPE", "DTYPES", "ENTITY_DTYPE", "METRIC_DTYPE", "RELATION_DTYPE", "ROLE_NAMES",
-    "TABLES", "TASK_DTYPE", "Table", "VTYPE_NAMES", "as_table", "concat", "decode", "empty",
-    "field_names", "lookup", "pair_keys"
+    "ATTRIBUTE_DTYPE", "DTYPES", "ENTITY_DTYPE", "METRIC_DTYPE", "OPTIONAL_TEXT",
+    "RELATION_DTYPE", "ROLE_NAMES", "STEP_COLUMNS", "TABLES", "TASK_DTYPE", "TIME_COLUMNS",
+    "Table", "VTYPE_NAMES", "as_table", "concat", "decode", "empty", "field_names", "lookup",
+    "pair_keys"
 ]
 
 TABLES = ("tasks", "entities", "metrics", "attributes", "relations")
@@ -69,13 +70,31 @@ class Table(np.ndarray):
             raise ImportError("Table.to_pandas() needs pandas: pip install 'provhpc[pandas]'") \
                 from exc
         arr = np.asarray(self)
-        return pd.DataFrame({name: arr[name] for name in field_names(arr)})
+        cols = {}
+        for name in field_names(arr):
+            col = arr[name]
+            if name in TIME_COLUMNS and col.dtype.kind in "iu":
+                # ns since the epoch, UTC; -1 (an activity that has not ended) is NaT
+                col = pd.to_datetime(np.where(col >= 0, col, np.iinfo(np.int64).min)
+                                     .astype("datetime64[ns]"), utc=True)
+            elif name in STEP_COLUMNS and col.dtype.kind == "i":
+                col = pd.array(np.where(col == R.NO_STEP, 0, col), dtype="Int64")
+                col[np.asarray(arr[name] == R.NO_STEP)] = pd.NA  # no step, not INT64_MIN
+            elif name in OPTIONAL_TEXT and col.dtype == object:
+                col = pd.array([v if v != "" else pd.NA for v in col.tolist()], dtype="string")
+            cols[name] = col
+        return pd.DataFrame(cols)
 
     def to_dicts(self) -> list[dict]:
         """Rows as plain dicts of Python values (for JSON)."""
         arr = np.asarray(self)
         cols = {name: arr[name].tolist() for name in field_names(arr)}
         return [dict(zip(cols, row)) for row in zip(*cols.values())] if len(arr) else []
+
+
+TIME_COLUMNS = ("start", "end", "t")  # ns since the epoch: datetimes in pandas
+STEP_COLUMNS = ("index", "step")  # R.NO_STEP: no value (pd.NA in pandas)
+OPTIONAL_TEXT = ("hash", "error")  # "": no value
 
 
 def as_table(arr: np.ndarray) -> Table:
