@@ -96,6 +96,26 @@ def test_lineage_export_report_merge(out, capsys, tmp_path):
     capsys.readouterr()
 
 
+def test_every_verb_is_documented_the_same_way(capsys):
+    """Every option and argument has help text, every verb's --help ends with examples,
+    and every option naming what a verb writes is -o/--output."""
+    import argparse
+
+    from provhpc.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        assert p.epilog and p.epilog.startswith("examples:\n  "), name
+        for a in p._actions:
+            assert a.help, (name, a.dest)
+            if a.dest in ("out", "output"):
+                assert {"-o", "--output"} <= set(a.option_strings), (name, a.option_strings)
+        with pytest.raises(SystemExit) as exc:
+            main([name, "--help"])
+        assert exc.value.code == 0 and "examples:" in capsys.readouterr().out
+
+
 def test_help_for_every_verb(capsys):
     for verb in ("ls", "query", "lineage", "export", "report", "recover", "merge"):
         with pytest.raises(SystemExit) as exc:

@@ -17,11 +17,49 @@ from .._version import __version__
 from . import capture, exports, maintain, query, runs
 from .output import friendly
 
-__all__ = ["VERB_GROUPS", "build_parser", "main"]
+__all__ = ["EXAMPLES", "HelpFormatter", "VERB_GROUPS", "build_parser", "main"]
 
 # (group, its verbs): capture first, then reading and answering, then upkeep.
 VERB_GROUPS = [("capture", capture.VERBS), ("runs", runs.VERBS), ("query", query.VERBS),
                ("export", exports.VERBS), ("maintain", maintain.VERBS)]
+
+
+# every verb's --help ends with examples (a verb may set its own epilog instead)
+EXAMPLES = {
+    "run": ["mpiexec -n 4 provhpc run -o prov -- python train.py --epochs 3",
+            "srun -n 64 provhpc run -o $SCRATCH/prov -- python train.py"],
+    "aggregate": ["PROVHPC_RUN_ID=exp1 provhpc aggregate -o prov --expect 8"],
+    "keygen": ["provhpc keygen ~/.provhpc/net.key && export PROVHPC_NET_KEY_FILE="
+               "~/.provhpc/net.key"],
+    "ls": ["provhpc ls prov", "provhpc ls prov --json"],
+    "query": ["provhpc query prov tasks --kind epoch --rank 0-3",
+              "provhpc query prov metrics --name val_accuracy --where 'value>0.8'",
+              "provhpc query prov tasks --all-runs --absolute",
+              "provhpc query prov produced checkpoints/mlp.npz",
+              "provhpc query prov best --metric val_accuracy --mode max",
+              "mpiexec -n 8 provhpc query prov/latest tasks --json"],
+    "lineage": ["provhpc lineage prov/latest checkpoints/mlp.npz",
+                "provhpc lineage prov data/raw.npz --direction forward",
+                "provhpc lineage prov/latest 0:17 --format prov-n"],
+    "export": ["provhpc export prov/latest --format prov-json -o run.prov.json",
+               "provhpc export prov/latest --format parquet -o tables/"],
+    "index": ["provhpc index prov/latest"],
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each paragraph of a description; keeps indented lines (lists, examples) and
+    the ``examples:`` epilog as written."""
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if para.startswith("examples:") or any(ln.startswith("  ") for ln in lines[1:]):
+                out.append("\n".join(indent + ln for ln in lines))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         for add in verbs:
             before = set(sub.choices)
             add(sub)
+            for name in set(sub.choices) - before:
+                p = sub.choices[name]
+                p.formatter_class = HelpFormatter
+                if not p.epilog and name in EXAMPLES:
+                    p.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name])
             if group == "capture":
                 continue
             for name in set(sub.choices) - before:  # reading verbs: one clear line, exit 2/1

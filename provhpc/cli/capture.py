@@ -23,7 +23,7 @@ def _add_run(sub):
                        description="Run CMD with provenance capture.  Under mpiexec or srun every "
                        "rank runs `provhpc run`; the first rank of each node starts the node's "
                        "aggregator.  Output goes to DIR/<run_id>/<node>.h5.")
-    p.add_argument("--out", metavar="DIR",
+    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR",
                    help="output directory (PROVHPC_OUT, default ./provenance)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- python script.py [args...]")
     p.set_defaults(func=_cmd_run)
@@ -60,7 +60,8 @@ def _add_aggregate(sub):
                        "connected for --linger seconds).  Ranks started with "
                        "PROVHPC_EXTERNAL_AGGREGATOR=1 and the same PROVHPC_RUN_ID find it.")
     p.add_argument("--run-id", default=None, help="run identity (default PROVHPC_RUN_ID)")
-    p.add_argument("--out", metavar="DIR", help="output directory (PROVHPC_OUT)")
+    p.add_argument("-o", "--output", "--out", dest="out", metavar="DIR",
+                   help="output directory (PROVHPC_OUT)")
     p.add_argument("--node", help="node name (default: from the launcher / hostname)")
     p.add_argument("--expect", type=int, default=0, help="ranks on this node (0 = unknown)")
     p.add_argument("--linger", type=float, default=30.0,
@@ -91,7 +92,7 @@ def _add_keygen(sub):
                        "PROVHPC_KEY_FILE, authenticates and encrypts the tcp link between an "
                        "aggregator started with PROVHPC_LISTEN and ranks started with "
                        "PROVHPC_CONNECT.  Nothing secret is printed.")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the key file to write (owner-only, 0600)")
     p.set_defaults(func=_cmd_keygen)
 
 

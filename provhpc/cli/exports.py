@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .output import dump, emit, open_source, require_all, single_run
+from .output import RUN_HELP, dump, emit, open_source, require_all, single_run
 
 __all__ = ["VERBS"]
 
@@ -33,8 +33,9 @@ def _add_export(sub):
                        "through the prov package (prov-json, prov-n, prov-o = RDF/Turtle, "
                        "needs rdflib) or as Parquet tables through pyarrow (one file per "
                        "table in --output DIR).  PROV goes to stdout unless --output FILE.")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--format", required=True, choices=("prov-json", "prov-n", "prov-o",
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--format", required=True, help="prov-json, prov-n, prov-o (RDF/Turtle) "
+                   "or parquet", choices=("prov-json", "prov-n", "prov-o",
                                                        "parquet"))
     p.add_argument("--output", "-o", metavar="PATH", help="file (PROV) or directory (parquet)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -70,7 +71,7 @@ def _add_report(sub):
                        epilog="examples:\n  provhpc report prov/latest -o report\n"
                        "  chromium --headless --screenshot=report.png report/index.html",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--output", "-o", metavar="DIR",
                    help="output directory (default ./provhpc-report-<run_id>)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")

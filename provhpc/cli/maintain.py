@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from .output import UNREADABLE, emit
+from .output import RUN_HELP, UNREADABLE, emit
 
 __all__ = ["VERBS"]
 
@@ -44,7 +44,7 @@ def _add_index(sub):
                        "until you index again).  RUN must be finished: every partition "
                        "complete (run `provhpc recover` first after a crash).  A directory of "
                        "runs indexes each of them.")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_index)
 
@@ -78,9 +78,9 @@ def _add_recover(sub):
                        "dtypes, every record chunk, string ids): one that cannot be opened is "
                        "moved to <file>.corrupt, one that opens but is unsound is named and left "
                        "in place; either makes the exit status 1.",
-                       epilog="example:\n  provhpc recover prov/20261207-015636-60c943",
+                       epilog="examples:\n  provhpc recover prov/20261207-015636-60c943",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_recover)
 

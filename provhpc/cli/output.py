@@ -14,13 +14,14 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "ABSOLUTE", "UNREADABLE", "dump", "emit", "format_code", "format_summary", "format_table",
-    "friendly",
-    "iso_ns", "jsonable", "note_errors", "open_source", "parse_ranks", "require_all", "rows_of",
-    "single_run"
+    "ABSOLUTE", "RUN_HELP", "UNREADABLE", "dump", "emit", "format_code", "format_summary",
+    "format_table", "friendly", "iso_ns", "jsonable", "note_errors", "open_source",
+    "parse_ranks", "require_all", "rows_of", "single_run"
 ]
 
 _HIDE = {"run"}
+RUN_HELP = ("a run directory, or an output directory of runs (its newest run, unless the "
+            "verb reads every run)")
 
 
 def jsonable(obj):

@@ -10,6 +10,7 @@ import numpy as np
 
 from .output import (
     ABSOLUTE,
+    RUN_HELP,
     UNREADABLE,
     dump,
     emit,
@@ -299,7 +300,7 @@ def _add_query(sub):
         "Printed times are seconds from the first record of each row's own run "
         "(--absolute: UTC ISO-8601); rows are sorted by run, rank, then time.\n"
         "Under mpiexec -n N, table queries divide the partitions among ranks; rank 0 prints.")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("what", nargs="?", default="tasks", choices=TABLE_VERBS + QUESTIONS,
                    metavar="WHAT", help="a table or a question (default tasks)")
     p.add_argument("arg", nargs="?", metavar="ENTITY", help="for produced / derivation")
@@ -374,11 +375,14 @@ def _add_lineage(sub):
                        "id (RANK:ID, or RUN/RANK:ID), a data path or key, or a task name.  RUN "
                        "may be a directory of runs: data entities with the same path and "
                        "content hash (or the same URI-like id) link the runs.")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("entity", metavar="ENTITY")
-    p.add_argument("--direction", choices=("backward", "forward"), default="backward")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("entity", metavar="ENTITY",
+                   help="an id (RANK:ID or RUN/RANK:ID), a data path or key, or a task name")
+    p.add_argument("--direction", choices=("backward", "forward"), default="backward",
+                   help="backward: what ENTITY came from (default); forward: what came of it")
     p.add_argument("--depth", type=int, default=None, help="at most N relations away")
-    p.add_argument("--format", choices=("text", "prov-json", "prov-n"), default="text")
+    p.add_argument("--format", choices=("text", "prov-json", "prov-n"), default="text",
+                   help="text (default), or the closure as a PROV document")
     p.add_argument("--json", action="store_true", help="print JSON (nodes, edges)")
     p.add_argument("--partial", action="store_true",
                    help="answer from the readable partitions when some cannot be read, "

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from .output import (
+    RUN_HELP,
     UNREADABLE,
     emit,
     format_summary,
@@ -48,7 +49,7 @@ def _add_ls(sub):
     p = sub.add_parser("ls", help="list the runs in a directory",
                        description="List the runs under DIR (an output directory): run id, "
                        "start, status, nodes, ranks, records, program.")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="an output directory of runs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ls)
 
@@ -80,7 +81,7 @@ def _add_summary(sub):
                        epilog="examples:\n  provhpc summary prov/latest\n"
                        "  mpiexec -n 4 provhpc summary prov/latest --json",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--json", action="store_true",
                    help="print JSON (with partial and missing_partitions)")
     p.add_argument("--partial", action="store_true",
