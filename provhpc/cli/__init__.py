@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 
+from .. import _progress
 from .._version import __version__
 from . import capture, exports, maintain, query, runs
 from .output import friendly
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
     from .output import UNREADABLE
 
     UNREADABLE.clear()
+    _progress.enable(sys.stderr.isatty())  # a bar on a terminal, never in a log or a pipe
     try:
         rc = args.func(args)
     except BrokenPipeError:  # `provhpc summary RUN | head`: the reader left, not an error

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from .._progress import track
 from ..format import records as R
 from ..format.partition import PartitionWriter, check_partition, open_partition
 from ..format.segment import FREE, Segment, parse_segment_name, shm_dir
@@ -66,7 +67,7 @@ def recover(run_dir: str, force: bool = False) -> dict:
     newest = {}
     for node, path in parts:
         newest[node] = path
-    for node, path in parts:
+    for node, path in track(parts, f"recover {run_id}: partitions"):
         node_segs = by_node.get(node, []) if newest[node] == path else []
         if _repair(path, node, node_segs, force, report):
             done.add(node)

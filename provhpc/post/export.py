@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from .._progress import track
 from .lineage import graph
 from .prov import PROV_FORMATS, document, serialize
 from .tables import TABLES, field_names
@@ -42,7 +43,7 @@ def to_parquet(source, directory: str) -> list[str]:
             from exc
     os.makedirs(directory, exist_ok=True)
     written = []
-    for name in TABLES:
+    for name in track(TABLES, "export parquet: tables"):
         arr = np.asarray(source.table(name))
         cols = {}
         for col in field_names(arr):
@@ -85,11 +86,14 @@ def export(source, fmt: str, output: str | None = None, missing=()) -> dict:
                 json.dump(partial, fh, indent=1)
             files.append(note)
         return {"format": fmt, "files": files, "text": None, **partial}
-    doc = to_prov(source)
-    if missing:
-        doc.entity("provhpc:export", {"provhpc:partial": True,
-                                      "provhpc:missing_partitions": " ".join(missing)})
-    text = serialize(doc, fmt)
+    for step in track(("document", "serialize"), f"export {fmt}"):
+        if step == "document":
+            doc = to_prov(source)
+            if missing:
+                doc.entity("provhpc:export", {"provhpc:partial": True,
+                                              "provhpc:missing_partitions": " ".join(missing)})
+        else:
+            text = serialize(doc, fmt)
     if output:
         with open(output, "w") as fh:
             fh.write(text)

@@ -10,6 +10,7 @@ import time
 import h5py
 import numpy as np
 
+from .._progress import track
 from .index import FILENAME, VERSION, NotIndexable, put_table, sources
 from .lineage import Graph
 from .reader import Run
@@ -33,7 +34,8 @@ def build(run_or_path) -> str:
             if not p.complete:
                 raise NotIndexable(f"{p.path}: partition is not complete (still being written, "
                                   "or its aggregator was killed: run `provhpc recover` first)")
-        tables = {name: np.asarray(run.table(name)) for name in TABLES}
+        tables = {name: np.asarray(run.table(name))
+                  for name in track(TABLES, f"index {run.run_id}: decoding tables")}
         if run.errors:
             raise NotIndexable("; ".join(run.errors.values()))
         time_range = run.time_range()

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from .._progress import track
 from ..format.partition import COUNTERS, TIME_COUNTERS, PartitionWriter
 from .reader import Collection, Run, is_run_dir
 
@@ -52,7 +53,7 @@ def merge_run(run: Run, out_dir: str, overwrite: bool = False) -> dict:
     w = PartitionWriter(path, attrs)
     total = 0
     counters = dict.fromkeys(COUNTERS, 0)
-    for p in parts:
+    for p in track(parts, f"merge {run.run_id}: partitions"):
         strings = p.strings
         flags = p.f["strings"].fields("flags")[:]
         remap = np.array([w.intern(s.encode(), int(f)) for s, f in zip(strings.tolist(),

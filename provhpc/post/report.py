@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from .._progress import track
 from ..format import records as R
 from . import questions as Q
 from .lineage import code_label, graph, lineage
@@ -391,19 +392,26 @@ def report(run, out_dir: str, missing=()) -> dict:
     is_tel = np.char.startswith(m["name"].astype(str), "telemetry.") if len(m) else \
         np.zeros(0, bool)
     ml_curves, ml_single = _curves(m[~is_tel]) if len(m) else ([], [])
-    images = {"timeline": plot_timeline(run, os.path.join(out_dir, "timeline.png"))}
-    mp = plot_metrics(m[~is_tel], os.path.join(out_dir, "metrics.png"), ml_curves, t0,
-                      "ML metrics per rank") if ml_curves else None
-    if mp:
-        images["metrics"] = mp
     tel_nodes = sorted(set(m["node"][is_tel].tolist())) if len(m) else []
-    for node in tel_nodes:
-        sel = m[is_tel & (m["node"] == node)]
-        p = plot_metrics(sel, os.path.join(out_dir, f"telemetry-{node}.png"),
-                         _curves(sel)[0], t0, f"Telemetry on node {node}")
-        if p:
-            images[f"telemetry-{node}"] = p
-    images["records"] = plot_records(run, os.path.join(out_dir, "records.png"), s)
+    images: dict[str, str] = {}
+    mp = None
+    for step in track(["timeline", "metrics", *tel_nodes, "records"],
+                      f"report {run.run_id}: plots"):
+        if step == "timeline":
+            images["timeline"] = plot_timeline(run, os.path.join(out_dir, "timeline.png"))
+        elif step == "metrics":
+            mp = plot_metrics(m[~is_tel], os.path.join(out_dir, "metrics.png"), ml_curves,
+                              t0, "ML metrics per rank") if ml_curves else None
+            if mp:
+                images["metrics"] = mp
+        elif step == "records":
+            images["records"] = plot_records(run, os.path.join(out_dir, "records.png"), s)
+        else:
+            sel = m[is_tel & (m["node"] == step)]
+            p = plot_metrics(sel, os.path.join(out_dir, f"telemetry-{step}.png"),
+                             _curves(sel)[0], t0, f"Telemetry on node {step}")
+            if p:
+                images[f"telemetry-{step}"] = p
     stats = Q.capture_stats(run)
     fails = Q.failures(run)
     slow = Q.stragglers(run)[:10]
