@@ -173,6 +173,8 @@ def single_run(source):
 
 def format_code(code: dict, env: dict) -> str:
     """One line: the script, its git commit, branch and state, Python and key packages."""
+    if not code.get("script") and not code.get("command"):
+        return "code not recorded (no program in this run's metadata)"
     git = code.get("git") or {}
     where = (f" @ {git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}"
              f" on {git.get('branch') or 'detached HEAD'}" if git.get("commit")
