@@ -10,7 +10,9 @@ partition cut short), then runs every ``$ command`` of every ``console`` block t
 with bash and every ``python`` block in one namespace, and replaces what follows each
 (a ``text`` block after a ``python`` block) with what it printed.  Run ids of the old
 page are replaced by the new ones wherever they appear.  Outputs longer than
-``MAX_LINES`` are cut to the length they had, with a line saying so.
+``MAX_LINES`` are cut to the length they had, with a line saying so.  Where
+``chromium`` is installed (Debian's package), docs/report.png is taken again from the
+report the page writes.
 """
 
 from __future__ import annotations
@@ -155,6 +157,31 @@ def regen(text: str, work: str, e: dict, v: dict) -> tuple[str, list[str]]:
     return "\n".join(out), failures
 
 
+def screenshot(work: str, e: dict) -> str | None:
+    """docs/report.png: the report of the failed run (written by the page's report
+    command) in headless Chromium, cropped, scaled to 60 % and quantised; None without
+    chromium or Pillow."""
+    page = os.path.join(work, "repf", "index.html")
+    if not shutil.which("chromium") or not os.path.exists(page):
+        return None
+    try:
+        import numpy as np
+        from PIL import Image
+    except ImportError:
+        return None
+    shot = os.path.join(work, "report-full.png")
+    sh(f"chromium --headless --no-sandbox --disable-gpu --hide-scrollbars "
+       f"--window-size=1100,5200 --screenshot={shot} file://{page}", work, e, check=False)
+    im = Image.open(shot).convert("RGB")
+    rows = np.flatnonzero((np.asarray(im) < 250).any(axis=(1, 2)))
+    im = im.crop((0, 0, im.width, int(rows.max()) + 20))
+    im = im.resize((im.width * 6 // 10, im.height * 6 // 10), Image.LANCZOS)
+    out = os.path.join(ROOT, "docs", "report.png")
+    im.quantize(colors=192, method=Image.Quantize.MEDIANCUT,
+                dither=Image.Dither.NONE).save(out, optimize=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/demo", help="where the runs are made (wiped)")
@@ -173,6 +200,9 @@ def main() -> int:
     text, failures = regen(text, args.work, e, v)
     with open(args.page, "w") as fh:
         fh.write(text)
+    shot = screenshot(args.work, e)
+    if shot:
+        print(f"regen: {shot} from {args.work}/repf/index.html")
     for f in failures:
         print(f"regen: {f}", file=sys.stderr)
     print(f"regen: {args.page} rewritten from the runs in {args.work}")
