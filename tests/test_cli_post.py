@@ -160,3 +160,15 @@ def test_demo_under_mpiexec(tmp_path, venv_bin, clean_env):
     em = q("query", "prov", "epochs", "--metric", "val_accuracy")
     assert sorted({(r["rank"], r["epoch"]) for r in em}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert q("query", "prov", "metadata")["launcher"] in ("hydra", "pmi", "mpich")
+
+
+def test_recover_an_output_directory_recovers_every_run(out, capsys):
+    res = _json(capsys, ["recover", str(out)])
+    assert [os.path.basename(r["run_dir"]) for r in res] == ["run-1", "run-2"]
+    assert all(p["action"] == "ok" for r in res for p in r["partitions"])
+
+
+def test_error_messages_have_one_prefix(capsys):
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("provhpc run: no command given") and err.count("provhpc run:") == 1

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from .output import RUN_HELP, UNREADABLE, emit
+from .output import RUN_HELP, UNREADABLE, dump, emit
 
 __all__ = ["VERBS"]
 
@@ -51,8 +51,29 @@ def _add_index(sub):
 
 def _cmd_recover(args) -> int:
     from ..node.recover import recover
+    from ..post.reader import is_run_dir
 
-    res = recover(args.run)
+    path = args.run
+    runs = sorted(os.path.join(path, d) for d in os.listdir(path)
+                  if os.path.isdir(os.path.join(path, d)) and not os.path.islink(
+                      os.path.join(path, d)) and is_run_dir(os.path.join(path, d))) \
+        if os.path.isdir(path) and not is_run_dir(path) else []
+    if runs:  # an output directory: every run in it
+        reports = [recover(r) for r in runs]
+        if args.json:
+            print(dump(reports))
+        else:
+            print("\n".join(_recover_text(r) for r in reports))
+        errors = {p: f"{p}: {e}" for r in reports for p, e in r["errors"].items()}
+        UNREADABLE.update(errors)
+        return 1 if errors else 0
+    res = recover(path)
+    emit(args, res, _recover_text(res))
+    UNREADABLE.update({p: f"{p}: {e}" for p, e in res["errors"].items()})  # on stderr
+    return 1 if res["errors"] else 0
+
+
+def _recover_text(res: dict) -> str:
     lines = [f"recover {res['run_dir']}"]
     for p in res["partitions"]:
         extra = {k: v for k, v in p.items() if k not in ("path", "action", "reason")}
@@ -65,9 +86,7 @@ def _cmd_recover(args) -> int:
                      f"{seg.get('action', 'not taken')}")
     if not res["partitions"] and not res["segments"]:
         lines.append("  nothing to recover")
-    emit(args, res, "\n".join(lines))
-    UNREADABLE.update({p: f"{p}: {e}" for p, e in res["errors"].items()})  # on stderr
-    return 1 if res["errors"] else 0
+    return "\n".join(lines)
 
 
 def _add_recover(sub):
@@ -77,7 +96,8 @@ def _add_recover(sub):
                        "segments of dead ranks.  Each partition's contents are checked (schema, "
                        "dtypes, every record chunk, string ids): one that cannot be opened is "
                        "moved to <file>.corrupt, one that opens but is unsound is named and left "
-                       "in place; either makes the exit status 1.",
+                       "in place; either makes the exit status 1.  RUN may be an output directory: "
+                       "every run in it is recovered.",
                        epilog="examples:\n  provhpc recover prov/20261207-015636-60c943",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help=RUN_HELP)

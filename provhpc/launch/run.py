@@ -36,7 +36,7 @@ def split_python(cmd: list[str]):
     this process cannot take over) runs as it is asked, as a child: ``None``.
     """
     if not cmd:
-        raise ValueError("provhpc run: no command given (use: provhpc run -- python script.py)")
+        raise ValueError("no command given (use: provhpc run -- python script.py)")
     args = list(cmd)
     if args[0].endswith(".py"):
         return "path", args[0], args
@@ -46,7 +46,7 @@ def split_python(cmd: list[str]):
     while args and args[0] in PYTHONPATH_FREE_FLAGS:
         args = args[1:]
     if not args:
-        raise ValueError("provhpc run: no script given to python")
+        raise ValueError("no script given to python")
     if args[0] == "-m" and len(args) > 1:
         return "module", args[1], [args[1]] + args[2:]
     if args[0] == "-c" and len(args) > 1:

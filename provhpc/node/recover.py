@@ -50,7 +50,7 @@ def recover(run_dir: str, force: bool = False) -> dict:
     run_dir = os.path.abspath(run_dir)
     run_id = os.path.basename(run_dir)
     if not _RUN_ID_RE.match(run_id) or ".." in run_id:
-        raise ValueError(f"provhpc recover: {run_dir!r} is not a run directory")
+        raise ValueError(f"{run_dir!r} is not a run directory")
     if not os.path.isdir(run_dir):
         os.makedirs(run_dir, mode=0o700)
     report: dict = {"run_dir": run_dir, "run_id": run_id, "partitions": [], "segments": [],
