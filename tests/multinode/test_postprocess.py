@@ -83,8 +83,10 @@ def test_lineage_on_every_node(srun_run, cluster3):
                                 "--json"))
         nodes = lin["nodes"]
         # the shard's own provenance is on its rank's node; rank 0 (the checkpoint is
-        # derived from every shard) declares each shard too, and entities merge by key
-        own = [n for n in nodes if n["kind"] != "shard"]
+        # derived from every shard) declares each shard too, and entities merge by key;
+        # the run's code is one node of the run (every activity used it), not a rank's
+        own = [n for n in nodes if n["kind"] not in ("shard", "code")]
+        assert len([n for n in nodes if n["kind"] == "code"]) == 1, nodes
         assert {n["host"] for n in own} == {HOSTS[rank // PER_NODE]}, nodes
         assert {n["rank"] for n in own} == {rank}
         assert {n["rank"] for n in nodes} - {rank} <= {0}, nodes
