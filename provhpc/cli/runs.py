@@ -1,13 +1,17 @@
-"""Run verbs: ``ls`` (the runs of a directory) and ``summary`` (one run, MPI-aware)."""
+"""Run verbs: ``ls`` (the runs of a directory), ``summary`` (one run, MPI-aware) and
+``watch`` (a running job, live)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 
 from .output import (
     RUN_HELP,
     UNREADABLE,
+    dump,
     emit,
     format_summary,
     format_table,
@@ -90,4 +94,87 @@ def _add_summary(sub):
     p.set_defaults(func=_cmd_summary)
 
 
-VERBS = [_add_ls, _add_summary]
+def _cmd_watch(args) -> int:
+    from ..post.reader import open_path
+    from ..post.watch import text
+
+    src = open_path(args.run)
+    run = single_run(src)
+    if run is not src:
+        print(f"run {run.run_id}: the newest of {len(src.runs)} runs in {args.run}",
+              file=sys.stderr)
+    try:
+        if args.once:
+            snap = run.snapshot()
+            emit(args, snap, text(snap))
+            UNREADABLE.update(snap["partition_errors"])
+            return 0
+        return _watch_loop(args, run, text)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        src.close()
+
+
+def _watch_loop(args, run, text) -> int:
+    """Refresh every --interval s until the run ends (or ^C): a rich view on a terminal,
+    one plain-text (or JSON) snapshot per refresh otherwise."""
+    live = None
+    if sys.stdout.isatty() and not args.json:
+        try:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            live = Live(Text(""), console=Console(), auto_refresh=False, screen=False)
+        except ImportError:  # the progress extra is not installed: plain text
+            live = None
+
+    def show(snap):
+        if args.json:
+            print(dump(snap), flush=True)
+        elif live is not None:
+            live.update(Text(text(snap)), refresh=True)
+        else:
+            print(text(snap) + "\n", flush=True)
+
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            snap = run.snapshot()
+            show(snap)
+            if snap["status"] != "running":
+                return 0  # the run ended: its last view stays on the screen
+            time.sleep(args.interval)
+            run.refresh()
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _add_watch(sub):
+    p = sub.add_parser("watch", help="a live view of a running job, from its partitions",
+                       description="Follow RUN while it runs: per rank its node, stage, epoch, "
+                       "step, step rate, seconds since its last record and the latest value of "
+                       "each metric (LAG: behind the median step, SILENT: no record for 60 s); "
+                       "job progress, drops and each node's telemetry.  It reads the "
+                       "partitions only (they are consistent at every flush), so it works from "
+                       "a login node on the shared file system with no connection to the job.  "
+                       "Of an output directory it follows the newest run.  On a terminal the "
+                       "view refreshes in place (rich, the progress extra); elsewhere one "
+                       "snapshot is printed per refresh.  It ends when the run ends.",
+                       epilog="examples:\n  provhpc watch prov\n"
+                       "  provhpc watch prov/latest --once --json | jq '.ranks[].step'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help=RUN_HELP)
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=2.0,
+                   help="seconds between refreshes (default 2)")
+    p.add_argument("--json", action="store_true",
+                   help="print snapshots as JSON (run, status, updated, ranks: rank, node, "
+                   "stage, epoch, step, metrics, records, dropped, idle_s, ...)")
+    p.set_defaults(func=_cmd_watch)
+
+
+VERBS = [_add_ls, _add_summary, _add_watch]

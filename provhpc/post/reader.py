@@ -140,6 +140,25 @@ class Partition:
     def complete(self) -> bool:
         return bool(self.f.attrs.get("complete", False))
 
+    def refresh(self) -> bool:
+        """See what its writer appended since it was opened; True when it grew.  A file read
+        through SWMR is refreshed in place; a plain one (closed when it was opened, or a
+        writer that has ended since) is reopened."""
+        before = (self.f["records"].shape[0], self.f.attrs.get("complete"))
+        if self.f.swmr_mode and not self.f.attrs.get("complete"):
+            for name in ("records", "strings", "string_heap", "ranks", "counters", "drops"):
+                if name in self.f:
+                    self.f[name].refresh()
+        else:
+            self.f.close()
+            self.f = _open_file(self.path)
+        for cached in ("strings", "truncated_strings"):
+            self.__dict__.pop(cached, None)
+        grew = (self.f["records"].shape[0], self.f.attrs.get("complete")) != before
+        if grew:
+            self._tables = {}
+        return grew
+
     def last_write_ns(self) -> int:
         """When its aggregator last wrote it (heartbeat counter or file mtime), ns since epoch."""
         beat = int(self.counters().get("heartbeat_ns", 0))
@@ -417,6 +436,38 @@ class Run(_Tables):
 
                 self._index = _index.load(self)
         return self._index
+
+    def refresh(self) -> bool:
+        """See the records appended since the run was opened (a live run), without
+        reopening every file: each partition is refreshed in place, a new partition
+        (a node that joined) is opened, and the decoded tables are dropped.  True when
+        something changed."""
+        changed = False
+        for p in self._partitions or []:
+            try:
+                changed |= p.refresh()
+            except (PartitionError, OSError) as exc:
+                self.errors[p.path] = str(exc)
+        paths = sorted(os.path.join(self.path, f) for f in os.listdir(self.path)
+                       if f.endswith(".h5"))
+        if paths != self.all_partition_paths and self.partition_paths is \
+                self.all_partition_paths:
+            self.close()
+            self.all_partition_paths = self.partition_paths = paths
+            changed = True
+        self.__dict__.pop("manifest", None)
+        if changed:
+            self._cache.clear()
+            self._index = False
+        return changed
+
+    def snapshot(self) -> dict:
+        """What each rank is doing now, from the partitions alone (``provhpc watch``): its
+        node, stage, epoch, step, latest metric values, records, drops, step rate and
+        seconds since its last record; job progress, drops and the nodes' telemetry."""
+        from .watch import snapshot
+
+        return snapshot(self)
 
     def close(self) -> None:
         for p in self._partitions or []:
