@@ -9,6 +9,8 @@ mpiexec, through benchmarks/_trainer.py, in each variant:
   provhpc   ``provhpc run`` (agents + one aggregator process per (simulated) node)
   jsonl     a per-rank JSONL file, one ``json.dumps`` line per record
   flowcept  Flowcept offline (FlowceptTask per activity / metric point), if installed
+  provhpc+watch  (with --variants) provhpc while ``provhpc watch OUT --once --json`` runs
+            every second beside the training, as a user following the job would
 
 at up to three capture rates: ``epoch`` (metrics per epoch only), ``step``
 (the loss every step) and ``stress`` (every step K metric points, K chosen
@@ -36,6 +38,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,18 +67,23 @@ def one_run(a, variant: str, rate: str, fanout: int, scratch: str) -> dict:
     if a.pin:  # the wrapper pins the rank, then runs the trainer in the same process
         script, script_args = "_pinned.py", [script] + script_args
     env = {"FLOWCEPT_SETTINGS_PATH": os.path.join(work, "none.yaml"), **ONE_THREAD}
-    res = C.launch(script, script_args, a.ranks, work, capture=variant == "provhpc",
-                   nodes=a.nodes, env=env)
+    watcher = _watcher(os.path.join(work, "prov")) if variant == "provhpc+watch" else None
+    try:
+        res = C.launch(script, script_args, a.ranks, work,
+                       capture=variant.startswith("provhpc"), nodes=a.nodes, env=env)
+    finally:
+        watches = watcher() if watcher else 0
     ranks = res["ranks"]
     out = {"train_s": max(r["train_s"] for r in ranks), "wall_s": res["wall_s"],
            "metric_points": max(r["metric_points"] for r in ranks)}
-    if variant == "provhpc":
+    if variant.startswith("provhpc"):
         p = res["partitions"]
         out.update(records=p["records"], bytes=p["bytes"], dropped=p["dropped"],
                    complete=p["complete"] == p["partitions"] == max(1, a.nodes),
                    per_rank=max(p["per_rank_records"].values()),
                    agg_cpu_s=sum(x["cpu_s"] for x in res["aggregators"]),
-                   agg_peak_rss=max([x["peak_rss"] for x in res["aggregators"]] or [0]))
+                   agg_peak_rss=max([x["peak_rss"] for x in res["aggregators"]] or [0]),
+                   watches=watches)
     else:
         side = os.path.join(work, "side")
         files = [os.path.join(side, f) for f in os.listdir(side)] if os.path.isdir(side) else []
@@ -83,6 +91,34 @@ def one_run(a, variant: str, rate: str, fanout: int, scratch: str) -> dict:
         out["records"] = sum(r["records"] for r in ranks)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _watcher(out: str, every: float = 1.0):
+    """``provhpc watch OUT --once --json`` every ``every`` s beside the training (a user
+    following the job from a login node); returns a stop function giving the count of
+    snapshots that answered."""
+    import threading
+
+    stop = threading.Event()
+    done = [0]
+
+    def loop():
+        while not stop.wait(every):
+            if not os.path.isdir(out):
+                continue
+            p = subprocess.run([C.venv_bin("provhpc"), "watch", out, "--once", "--json"],
+                               capture_output=True, env=C.clean_env(), timeout=60)
+            done[0] += p.returncode == 0
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+
+    def finish() -> int:
+        stop.set()
+        t.join(60)
+        return done[0]
+
+    return finish
 
 
 def calibrate(a, scratch: str) -> int:
@@ -159,16 +195,20 @@ def report(a, variants, rates, fanout, samples, elapsed, notes):
             o = overhead(samples, v, r)
             rec = C.med([s.get("records", 0) for s in ss])
             per_rank_rate = (C.med([s.get("per_rank", 0) for s in ss]) / C.med(t)
-                             if v == "provhpc" else C.med([s["metric_points"] for s in ss])
+                             if v.startswith("provhpc") else
+                             C.med([s["metric_points"] for s in ss])
                              / C.med(t))
             pct = "-" if v == "off" else (f"{o['median']:+.2f} "
                                           f"({C.fmt_range(o['paired'], '{:+.1f}')}) "
                                           f"[{o['ci'][0]:+.2f}..{o['ci'][1]:+.2f}]")
             agg = (f"{C.med([s['agg_cpu_s'] for s in ss]):.2f} / "
-                   f"{max(s['agg_peak_rss'] for s in ss) / 2**20:.0f}") if v == "provhpc" else "-"
+                   f"{max(s['agg_peak_rss'] for s in ss) / 2**20:.0f}") \
+                if v.startswith("provhpc") else "-"
             bpr = f"{C.med([s['bytes'] / s['records'] for s in ss if s.get('records')]):.0f}" \
                 if v != "off" and rec else "-"
-            rows.append([r + (f" (K={fanout[r]})" if r == "stress" else ""), v,
+            label = v if v != "provhpc+watch" else \
+                f"{v} ({C.med([s['watches'] for s in ss]):.0f} snapshots)"
+            rows.append([r + (f" (K={fanout[r]})" if r == "stress" else ""), label,
                          f"{C.med(t):.3f} ({C.fmt_range(t, '{:.3f}')})", pct,
                          f"{per_rank_rate:,.0f}", f"{C.med([s['wall_s'] for s in ss]):.2f}",
                          agg, bpr])
@@ -182,6 +222,16 @@ def report(a, variants, rates, fanout, samples, elapsed, notes):
     if verdicts:
         print()
         print(C.table(["target (provhpc vs off)", "measured", "verdict"], verdicts))
+    if "provhpc" in variants and "provhpc+watch" in variants:
+        print()
+        for r in rates:  # the watcher's cost: paired against provhpc of the same repetition
+            base = [s["train_s"] for s in samples[("provhpc", r)]]
+            w = [s["train_s"] for s in samples[("provhpc+watch", r)]]
+            paired = [100 * (x / b - 1) for x, b in zip(w, base)]
+            lo, hi = C.bootstrap_ci(paired)
+            print(f"watch --once every 1 s beside the job ({r}): training time "
+                  f"{C.med(paired):+.2f} % ({C.fmt_range(paired, '{:+.1f}')}) "
+                  f"[{lo:+.2f}..{hi:+.2f}] against provhpc alone")
     print("\n* provhpc: records stored per rank / training time; others: metric points per "
           "rank / training time.\nwall s: the whole launch (interpreter, MPI and, for provhpc, "
           "aggregator start and close).\nB/record: provhpc = partition bytes / records "
