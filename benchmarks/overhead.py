@@ -60,7 +60,7 @@ def trainer_args(a, work: str) -> list:
 def one_run(a, variant: str, rate: str, fanout: int, scratch: str) -> dict:
     work = tempfile.mkdtemp(dir=scratch)
     log_every = "0" if rate == "epoch" else "1"
-    script_args = ["--variant", variant, "--fanout", str(fanout), "--out",
+    script_args = ["--variant", variant.split("+")[0], "--fanout", str(fanout), "--out",
                    os.path.join(work, "side"), "--", "--log-every", log_every]
     script_args += trainer_args(a, work)
     script = "_trainer.py"
