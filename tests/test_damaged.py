@@ -10,7 +10,8 @@ document that silently lacks the node.
 A hypothesis test mutates the bytes of one partition at random (and cuts it short):
 the reader never hangs, never raises anything but a recorded ``PartitionError`` for
 that file, and the other partition still answers.  It found that HDF5's SWMR reader
-retries a bad checksum 100 times with a doubling sleep (``open_partition`` bounds it).
+retries a bad checksum 100 times with a doubling sleep (``open_partition`` bounds it
+to about 1 s).
 """
 
 from __future__ import annotations

@@ -74,6 +74,17 @@ def check_name(name: Any, what: str = "name") -> None:
 
 
 # ---------------------------------------------------------------------- values
+def _last_frame(error: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``error``'s traceback, or ''."""
+    tb = error.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
+
+
 def _items(values: dict[str, Any]) -> list[tuple[str, Any]]:
     """Encoded (key, value) pairs; nested mappings flattened to dotted keys."""
     out: list[tuple[str, Any]] = []
@@ -522,8 +533,11 @@ class Activity(_ActivityBase):
             return
         agent.open_activities.pop(self.id, None)
         if error is not None:
-            _write_values(agent, self.id, {"exception": str(error)[:agent.max_string]},
-                          ROLE_ATTRIBUTE)
+            values = {"exception": str(error)[:agent.max_string]}
+            where = _last_frame(error)
+            if where:
+                values["where"] = where[:agent.max_string]
+            _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
             etype = type(error).__name__
         else:
             etype = None

@@ -14,9 +14,9 @@ import numpy as np
 from ..format import records as R
 
 __all__ = [
-    "ABSOLUTE", "RUN_HELP", "UNREADABLE", "dump", "emit", "format_code", "format_summary",
-    "format_table", "friendly", "iso_ns", "jsonable", "note_errors", "open_source",
-    "parse_ranks", "require_all", "rows_of", "single_run"
+    "ABSOLUTE", "RUN_HELP", "UNREADABLE", "dump", "emit", "format_code", "format_end",
+    "format_summary", "format_table", "friendly", "iso_ns", "jsonable", "note_errors",
+    "open_source", "parse_ranks", "require_all", "rows_of", "single_run"
 ]
 
 _HIDE = {"run"}
@@ -171,6 +171,29 @@ def single_run(source):
     return source.latest if hasattr(source, "runs") else source
 
 
+def format_end(end: dict) -> str:
+    """One line: how the job ended (``Run.end()``)."""
+    state = end.get("state", "?")
+    if state == "failed":
+        what = ": ".join(x for x in (end.get("exception"), end.get("message")) if x)
+        return (f"ended failed: rank {end['rank']} (exit code {end['exit_code']})"
+                + (f" raised {what}" if what else "")
+                + (f" at {end['where']}" if end.get("where") else ""))
+    if state == "killed":
+        rest = [r for r in end["ranks"] if r != end["first"]]
+        return (f"ended killed: rank {end['first']} died first"
+                + (f", then rank(s) {', '.join(map(str, rest))}" if rest else "")
+                + " (as their aggregator saw them; the signal is not known)")
+    if state == "terminated":
+        return f"ended terminated: SIGTERM/SIGINT on rank(s) {', '.join(map(str, end['ranks']))}"
+    if state == "lost":
+        return ("ended lost: no process is left and nobody wrote an end (the whole job was "
+                "killed, or its node died)")
+    if state == "running":
+        return "running"
+    return f"ended {state}"
+
+
 def format_code(code: dict, env: dict) -> str:
     """One line: the script, its git commit, branch and state, Python and key packages."""
     if not code.get("script") and not code.get("command"):
@@ -194,6 +217,8 @@ def format_summary(s: dict) -> str:
              + (f" ({s['status_note']})" if s.get("status_note") else ""),
              f"records {s['records_total']}   dropped {s['dropped_total']}"
              + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
+    if s.get("end"):
+        lines.append(format_end(s["end"]))
     if s.get("code"):
         lines.append(format_code(s["code"], s.get("environment") or {}))
     kinds = ["activity_start", "activity_end", "entity", "relation", "attribute", "metric"]

@@ -40,7 +40,7 @@ def _cmd_ls(args) -> int:
         from ..post.query import iso
 
         rows.append({"run_id": run.run_id, "start": iso(m.get("start") or -1),
-                     "status": run.status, "nodes": len(nodes),
+                     "status": run.status, "end": run.end()["state"], "nodes": len(nodes),
                      "ranks": meta.get("world_size"), "records": records,
                      "program": os.path.basename(prog), "errors": len(run.errors)})
         note_errors(run)  # named on stderr by provhpc.cli.main; the verb exits 1
@@ -143,9 +143,11 @@ def _watch_loop(args, run, text) -> int:
     try:
         while True:
             snap = run.snapshot()
+            if snap["status"] != "running":  # the run ended: read what its last flush
+                run.refresh()                 # wrote, and leave that view on the screen
+                show(run.snapshot())
+                return 0
             show(snap)
-            if snap["status"] != "running":
-                return 0  # the run ended: its last view stays on the screen
             time.sleep(args.interval)
             run.refresh()
     finally:

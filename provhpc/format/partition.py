@@ -304,9 +304,11 @@ class PartitionWriter:
 
 
 # A SWMR reader retries a metadata block whose checksum fails, sleeping 1 ns, 2 ns, 4 ns ...
-# between tries; HDF5's default of 100 tries never ends on a damaged file (2**100 ns).  24
-# tries wait at most 2**24 ns (17 ms) for a block a live writer is rewriting.
-SWMR_READ_ATTEMPTS = 24
+# between tries; HDF5's default of 100 tries never ends on a damaged file (2**100 ns).  30
+# tries wait at most 2**30 ns (about 1 s) for a block a live writer is rewriting: a loaded
+# node can deschedule the writer mid-write for tens of milliseconds, and a reader giving up
+# after 17 ms (24 tries) could call a healthy live partition unreadable.
+SWMR_READ_ATTEMPTS = 30
 
 
 def _hdf5_library() -> Any:

@@ -363,17 +363,70 @@ class Run(_Tables):
         """How the run ended: the manifest's final status (``ok``, ``error``, ``killed``…),
         ``running`` only while an aggregator still writes it.  A manifest left at
         ``running`` by a job whose processes are gone (rank 0 killed before it wrote the
-        end) reads from its ranks: ``error`` if one raised, else ``killed`` if one ended
-        without a goodbye, else ``ended`` (no final status was written)."""
+        end) reads from its ranks: ``error`` if one raised, else ``killed`` if one died
+        while its aggregator ran, else ``lost`` if no one wrote an end (the aggregators died
+        too), else ``ended`` (no final status was written).  ``end()`` says more."""
         status = self.manifest.get("status")
         if status not in (None, "running") or self.live or self._a_rank_runs_here():
             return status or "running"
         ranks = [r["status"] for r in self.ranks() if r["role"] == "rank"]
         if "error" in ranks:
             return "error"
-        if any(r in ("killed", "salvaged", "lost", "running") for r in ranks):
+        if any(r in ("killed", "salvaged") for r in ranks):
             return "killed"
+        if any(r in ("lost", "running") for r in ranks):
+            return "lost"  # no process left and nobody wrote an end
         return "ended" if ranks else "unknown"
+
+    def end(self) -> dict:
+        """How the job ended, from the manifest and the ranks' tables: ``state`` is
+
+        ``running`` (an aggregator writes, or a running rank lives here), ``completed``
+        (every rank ended ok, exit 0), ``failed`` (a rank raised: ``rank``,
+        ``exit_code``, ``exception``, ``message``, ``where`` = the last frame of its
+        traceback), ``terminated`` (a rank got SIGTERM/SIGINT), ``killed`` (ranks died
+        without a goodbye while their aggregator ran: ``ranks`` in the order their
+        aggregator saw them go, ``first``), or ``lost`` (no process left and nobody wrote
+        an end: the whole job, aggregators too, was killed, or its node died)."""
+        if self.status == "running":
+            return {"state": "running"}
+        ranks = [r for r in self.ranks() if r["role"] == "rank"]
+        by_status: dict[str, list] = {}
+        for r in ranks:
+            by_status.setdefault(r["status"], []).append(r)
+        if by_status.get("error"):
+            r = by_status["error"][0]
+            out = {"state": "failed", "rank": r["rank"], "exit_code": r["exit_code"],
+                   "exception": "", "message": "", "where": ""}
+            t = np.asarray(self.tasks())
+            run_act = t[(t["rank"] == r["rank"]) & (t["type"] == "run")
+                        & (t["status"] == "error")]
+            if len(run_act):
+                a = np.asarray(self.attributes())
+                mine = a[(a["rank"] == r["rank"]) & (a["owner"] == run_act["id"][0])]
+                vals = dict(zip(mine["key"].tolist(), mine["value"].tolist()))
+                out.update(exception=str(run_act["error"][0]),
+                           message=str(vals.get("exception", "")),
+                           where=str(vals.get("where", "")))
+            return out
+        if by_status.get("terminated"):
+            return {"state": "terminated", "ranks": [r["rank"] for r in
+                                                     by_status["terminated"]]}
+        gone = by_status.get("killed", []) + by_status.get("salvaged", [])
+        if gone:
+            gone.sort(key=lambda r: (r["end"] if r["end"] > 0 else 1 << 62, r["rank"]))
+            return {"state": "killed", "ranks": [r["rank"] for r in gone],
+                    "first": gone[0]["rank"], "signal": None}
+        if by_status.get("running") or by_status.get("lost") or not ranks:
+            return {"state": "lost", "ranks": [r["rank"] for r in
+                                               by_status.get("running", []) +
+                                               by_status.get("lost", [])]}
+        if all(r["status"] == "ok" and r["exit_code"] == 0 for r in ranks):
+            return {"state": "completed"}
+        return {"state": "failed", "rank": next(r["rank"] for r in ranks
+                                                if r["exit_code"] != 0),
+                "exit_code": next(r["exit_code"] for r in ranks if r["exit_code"] != 0),
+                "exception": "", "message": "", "where": ""}
 
     def _a_rank_runs_here(self) -> bool:
         """A rank said to be running whose process is alive on this host (its aggregator
@@ -820,7 +873,7 @@ def _combine(run, parts: list) -> dict:
         "records_by_kind": kinds_total,
         "counters": counters,
         "duration_s": (max(t1s) - min(t0s)) / 1e9 if t0s else 0.0,
-        "status": run.status, "status_note": run.status_note,
+        "status": run.status, "status_note": run.status_note, "end": run.end(),
         "code": run.code(),
         "environment": {k: v for k, v in run.environment().items() if k != "env"},
     }

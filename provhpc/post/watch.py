@@ -123,7 +123,7 @@ def snapshot(run, now_ns: int | None = None) -> dict:
                                                     else sum(values))
     epochs_done: list[int] = [r["epoch"] for r in rows if r["epoch"] is not None]
     return {
-        "run": run.run_id, "status": run.status, "updated": now_ns,
+        "run": run.run_id, "status": run.status, "end": run.end(), "updated": now_ns,
         "live": bool(run.live),
         "ranks": rows,
         "progress": {"ranks": len(rows),
@@ -141,7 +141,9 @@ def snapshot(run, now_ns: int | None = None) -> dict:
 def text(s: dict) -> str:
     """The snapshot as plain text (the view without ``rich``)."""
     p = s["progress"]
-    head = (f"run {s['run']}  status {s['status']}{' (live)' if s['live'] else ''}  "
+    state = s.get("end", {}).get("state", "")
+    head = (f"run {s['run']}  status {s['status']}{' (live)' if s['live'] else ''}"
+            f"{'  ended ' + state if state and state != 'running' else ''}  "
             f"ranks {p['ranks']}  epochs {p['epoch_min']}..{p['epoch_max']}  "
             f"steps {p['step_min']}..{p['step_max']}  records {p['records']}  "
             f"dropped {p['dropped']}")

@@ -1,0 +1,127 @@
+"""Issue 14 point 2 (part): how every job ended, read by summary, ls and watch.
+
+Real ``mpiexec -n 2`` jobs, real signals: one that completes, one whose rank 1 raises
+(failed: rank, exit code, exception, message, the last frame of the traceback), one whose
+rank 1 SIGKILLs itself (killed: rank 1 first, as the aggregator saw it), and one killed
+whole, aggregator included (lost).  None of them reads as ``running`` afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import pytest
+from test_faults_lib import kill_tree, remove_segments
+
+pytestmark = pytest.mark.timeout(150)
+
+PROG = """
+import os, signal, sys, time, provhpc
+rank = int(os.environ["PMI_RANK"])
+how = sys.argv[1]
+
+def train():
+    with provhpc.stage("train"):
+        for i in range(20):
+            provhpc.metric("loss", 1.0 / (i + 1), step=i)
+        provhpc.flush(10)
+        if rank == 1 and how == "failed":
+            raise ValueError("bad batch at step 19")
+        if rank == 1 and how == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "lost":
+            open(sys.argv[2] + f".{rank}", "w").close()
+            time.sleep(60)
+        if how == "killed":
+            time.sleep(5)
+
+train()
+"""
+
+
+def _job(venv_bin, env, tmp_path, how, wait=True):
+    script = tmp_path / "prog.py"
+    script.write_text(PROG)
+    env = {**env, "PROVHPC_RUNTIME_DIR": str(tmp_path / "rt"), "PROVHPC_RUN_ID": how,
+           "PROVHPC_FLUSH_INTERVAL": "0.2"}
+    cmd = [os.path.join(venv_bin, "mpiexec"), "-n", "2", os.path.join(venv_bin, "provhpc"),
+           "run", "-o", str(tmp_path / "prov"), "--", os.path.join(venv_bin, "python"),
+           str(script), how, str(tmp_path / "mark")]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    if wait:
+        proc.wait(90)
+    return proc, str(tmp_path / "prov" / how)
+
+
+def _summary(venv_bin, env, run):
+    p = subprocess.run([os.path.join(venv_bin, "provhpc"), "summary", run, "--json"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    return json.loads(p.stdout)
+
+
+def _settled(venv_bin, env, run):
+    """The summary once the job's processes are gone (their aggregator writes the last
+    rank statuses when it closes)."""
+    deadline = time.monotonic() + 20
+    while True:
+        s = _summary(venv_bin, env, run)
+        if s["status"] != "running" or time.monotonic() > deadline:
+            return s
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("how", ["completed", "failed", "killed"])
+def test_how_a_job_ended(venv_bin, clean_env, tmp_path, how):
+    proc, run = _job(venv_bin, clean_env, tmp_path, how)
+    try:
+        assert (proc.returncode == 0) == (how == "completed")
+        s = _settled(venv_bin, clean_env, run)
+        end = s["end"]
+        assert end["state"] == how, end
+        if how == "failed":
+            assert (end["rank"], end["exception"]) == (1, "ValueError") and end["exit_code"]
+            assert end["message"] == "bad batch at step 19"
+            line = PROG.split("\n").index('            raise ValueError("bad batch at step 19")')
+            assert end["where"].endswith(f"prog.py:{line + 1} in train"), end["where"]
+        if how == "killed":
+            assert end["first"] == 1 and set(end["ranks"]) == {0, 1}, end
+        text = subprocess.run([os.path.join(venv_bin, "provhpc"), "summary", run],
+                              env=clean_env, capture_output=True, text=True).stdout
+        assert f"ended {how}" in text, text
+        ls = subprocess.run([os.path.join(venv_bin, "provhpc"), "ls", str(tmp_path / "prov"),
+                             "--json"], env=clean_env, capture_output=True, text=True).stdout
+        assert json.loads(ls)[0]["end"] == how
+        snap = subprocess.run([os.path.join(venv_bin, "provhpc"), "watch", run, "--once",
+                               "--json"], env=clean_env, capture_output=True, text=True).stdout
+        assert json.loads(snap)["end"]["state"] == how
+    finally:
+        kill_tree(proc)
+        remove_segments(how)
+
+
+def test_a_job_killed_whole_is_lost(venv_bin, clean_env, tmp_path):
+    proc, run = _job(venv_bin, clean_env, tmp_path, "lost", wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(os.path.exists(tmp_path / f"mark.{r}") for r in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        s = _summary(venv_bin, clean_env, run)
+        assert s["status"] == "running"
+        (part,) = s["partitions"]
+        with h5py.File(os.path.join(run, f"{part['node']}.h5"), "r", swmr=True) as f:
+            agg = int(f.attrs["writer_pid"])
+        os.kill(agg, signal.SIGKILL)  # every process of the job, its aggregator first
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        s = _settled(venv_bin, clean_env, run)
+        assert s["status"] == "lost" and s["end"]["state"] == "lost", (s["status"], s["end"])
+    finally:
+        kill_tree(proc)
+        remove_segments("lost")
