@@ -153,7 +153,11 @@ def test_c_and_python_paths_write_the_same_records(tmp_path):
     for f in FIELDS:
         if f in ("name", "sval"):  # string ids may differ: compare the strings
             a, b = c_strings[c[f]], p_strings[p[f]]
-            assert a.tolist() == b.tolist(), f
+            # the two copies of the program differ by their directory only (an exception's
+            # 'where' names the file)
+            a = [str(x).replace(str(tmp_path / "c"), "DIR") for x in a.tolist()]
+            b = [str(x).replace(str(tmp_path / "p"), "DIR") for x in b.tolist()]
+            assert a == b, f
         else:
             assert np.array_equal(c[f], p[f], equal_nan=True), f
 
