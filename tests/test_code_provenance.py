@@ -108,6 +108,6 @@ def test_code_and_environment_in_every_view(venv_bin, clean_env, repo):
     dirty = _run(venv_bin, clean_env, repo)
     assert dirty != run
     with provhpc.open(dirty) as r:
-        assert r.code()["git"]["dirty"] is True
+        assert r.code()["git"]["dirty"] is True and r.code()["git"]["changed"] == ["train.py"]
     assert f"code train.py @ {commit[:12]} (dirty) on science" in _cli(venv_bin, clean_env,
                                                                         "summary", dirty)

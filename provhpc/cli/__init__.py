@@ -45,6 +45,8 @@ EXAMPLES = {
     "export": ["provhpc export prov/latest --format prov-json -o run.prov.json",
                "provhpc export prov/latest --format parquet -o tables/"],
     "index": ["provhpc index prov/latest"],
+    "compare": ["provhpc compare prov/20261207-021856-0ccbf3 prov/20261207-021858-abef98",
+                "provhpc compare prov --json"],
 }
 
 

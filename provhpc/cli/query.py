@@ -390,4 +390,57 @@ def _add_lineage(sub):
     p.set_defaults(func=_cmd_lineage)
 
 
-VERBS = [_add_query, _add_lineage]
+def _cmd_compare(args) -> int:
+    from ..post.compare import MEASURED, compare
+    from ..post.reader import open_path
+
+    sources = [open_path(p) for p in args.runs]
+    try:
+        runs = [r for src in sources for r in _runs_of(src)]
+        res = compare(runs, everything=args.all)
+        if args.json:
+            print(dump(res))
+            return 0
+        ids = res["runs"]
+        print("compare " + "  ".join(f"[{i}] {r}" for i, r in enumerate(ids)))
+        print(f"{res['differences']} difference(s)" + ("" if args.all else
+                                                       " (--all shows what is the same)"))
+        for name, rows in res["sections"].items():
+            if not rows:
+                continue
+            print(f"\n{name}" + ("  (measured: always shown)" if name in MEASURED else ""))
+            table = []
+            for row in rows:
+                cells = {"": "*" if row["differs"] and name not in MEASURED else "",
+                         "key": row["key"]}
+                for i, v in enumerate(row["values"]):
+                    text = "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+                    if row.get("vs_first") and i:
+                        text += f"  ({row['vs_first'][i]})"
+                    cells[f"[{i}]"] = text
+                table.append(cells)
+            print(format_table(table))
+    finally:
+        for src in sources:
+            src.close()
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="what differs between runs",
+                       description="Compare two runs or more (or every run of a directory): "
+                       "hyperparameters, configuration, code (commit, dirty state, changed "
+                       "files), environment (Python, packages), launcher, nodes and ranks, "
+                       "input data (same, changed or new by identity: path and content hash), "
+                       "how each run ended; then the wall time per stage and the final and best "
+                       "value of each metric, always.  Only what differs is shown unless "
+                       "--all; * marks a difference.")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories, or output directories (each of their runs)")
+    p.add_argument("--all", action="store_true", help="show what is the same too")
+    p.add_argument("--json", action="store_true", help="print JSON (sections of rows: key, "
+                   "values per run, differs)")
+    p.set_defaults(func=_cmd_compare)
+
+
+VERBS = [_add_query, _add_lineage, _add_compare]

@@ -152,6 +152,9 @@ def git_info(path: str) -> dict:
         info["branch"] = branch
     status = _git(["status", "--porcelain", "--untracked-files=no"], top)
     info["dirty"] = bool(status) if status is not None else None
+    if status:  # the files with uncommitted changes (porcelain: "XY path"), at most 50
+        changed = [ln.split(maxsplit=1)[-1] for ln in status.splitlines() if ln.strip()]
+        info["changed"] = sorted(c.split(" -> ")[-1] for c in changed)[:50]
     remote = _git(["config", "--get", "remote.origin.url"], top)
     if remote:
         info["remote"] = redact_url(remote)

@@ -17,8 +17,9 @@ from .query import attributes_of
 from .tables import as_table, field_names, pair_keys
 
 __all__ = [
-    "CODE_KINDS", "best", "capture_stats", "check_metrics", "derivation", "epoch_metrics",
-    "failures", "hyperparameters_for", "lagging_ranks", "produced", "stage_times", "stragglers"
+    "CODE_KINDS", "MODEL_KINDS", "best", "capture_stats", "check_metrics", "derivation",
+    "epoch_metrics", "failures", "hyperparameters_for", "io_entities", "lagging_ranks",
+    "produced", "stage_times", "stragglers"
 ]
 
 CODE_KINDS = ("code", "script", "software", "source")
@@ -355,3 +356,31 @@ def capture_stats(run) -> dict:
             "file_bytes_per_record": round(total_file / total_records, 2) if total_records
             else None,
             "dropped_total": sum(reasons.values()), "dropped_by_reason": reasons}
+
+
+# ---------------------------------------------------------------------- inputs, outputs
+MODEL_KINDS = ("checkpoint", "model")
+
+
+def io_entities(run, g=None) -> tuple[list[dict], list[dict]]:
+    """The run's inputs (entities it used and did not generate) and outputs (entities it
+    generated and nothing of it used, plus every checkpoint and model), with identities."""
+    g = g or graph(run)
+    nodes, edges = np.asarray(g.nodes), np.asarray(g.edges)
+    is_ent = (nodes["type"] == "entity") & (nodes["kind"] != "code")
+    generated = np.zeros(len(nodes), bool)
+    used = np.zeros(len(nodes), bool)
+    if len(edges):
+        generated[edges["src"][edges["relation"] == R.WAS_GENERATED_BY]] = True
+        used[edges["dst"][edges["relation"] == R.USED]] = True
+        used[edges["dst"][edges["relation"] == R.WAS_DERIVED_FROM]] = True
+    inputs = np.flatnonzero(is_ent & ~generated & used)
+    outputs = np.flatnonzero(is_ent & generated & (~used | np.isin(nodes["kind"],
+                                                                    MODEL_KINDS)))
+
+    def rows(idx):
+        return [{"kind": str(nodes["kind"][i]), "key": str(nodes["name"][i]),
+                 "hash": str(nodes["hash"][i]), "id": f"{nodes['rank'][i]}:{nodes['id'][i]}",
+                 "identity": str(nodes["identity"][i]), "node": int(i)} for i in idx]
+
+    return rows(inputs), rows(outputs)

@@ -620,6 +620,7 @@ class Run(_Tables):
         git = env.get("git") or {}
         return {"script": script, "command": argv, "cwd": meta.get("cwd", ""),
                 "git": {k: git.get(k) for k in ("commit", "branch", "dirty", "root")}
+                | ({"changed": git["changed"]} if git.get("changed") else {})
                 if git else None}
 
     def environment(self) -> dict:

@@ -23,6 +23,7 @@ from .._progress import track
 from ..format import records as R
 from . import questions as Q
 from .lineage import code_label, graph, lineage
+from .questions import MODEL_KINDS, io_entities
 from .reader import summary
 
 __all__ = ["io_entities", "lineage_svg", "plot_metrics", "plot_records", "plot_timeline",
@@ -31,7 +32,6 @@ __all__ = ["io_entities", "lineage_svg", "plot_metrics", "plot_records", "plot_t
 _LANES = ("run", "stage", "epoch", "task")
 _PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
             "#8c8c8c", "#ccb974", "#64b5cd"]
-MODEL_KINDS = ("checkpoint", "model")
 MAX_MODELS = 4  # lineage graphs drawn (the page lists the others)
 MAX_GRAPH_NODES = 40
 
@@ -203,30 +203,6 @@ def plot_records(run, path: str, s: dict) -> str:
 
 
 # ---------------------------------------------------------------------- provenance
-def io_entities(run, g=None) -> tuple[list[dict], list[dict]]:
-    """The run's inputs (entities it used and did not generate) and outputs (entities it
-    generated and nothing of it used, plus every checkpoint and model), with identities."""
-    g = g or graph(run)
-    nodes, edges = np.asarray(g.nodes), np.asarray(g.edges)
-    is_ent = (nodes["type"] == "entity") & (nodes["kind"] != "code")
-    generated = np.zeros(len(nodes), bool)
-    used = np.zeros(len(nodes), bool)
-    if len(edges):
-        generated[edges["src"][edges["relation"] == R.WAS_GENERATED_BY]] = True
-        used[edges["dst"][edges["relation"] == R.USED]] = True
-        used[edges["dst"][edges["relation"] == R.WAS_DERIVED_FROM]] = True
-    inputs = np.flatnonzero(is_ent & ~generated & used)
-    outputs = np.flatnonzero(is_ent & generated & (~used | np.isin(nodes["kind"],
-                                                                    MODEL_KINDS)))
-
-    def rows(idx):
-        return [{"kind": str(nodes["kind"][i]), "key": str(nodes["name"][i]),
-                 "hash": str(nodes["hash"][i]), "id": f"{nodes['rank'][i]}:{nodes['id'][i]}",
-                 "identity": str(nodes["identity"][i]), "node": int(i)} for i in idx]
-
-    return rows(inputs), rows(outputs)
-
-
 def _short(text: str, n: int = 30, keep_start: bool = False) -> str:
     if len(text) <= n:
         return text
