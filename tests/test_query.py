@@ -85,6 +85,22 @@ def test_best_across_runs(tmp_path):
     rows = Q.best(provhpc.open(tmp_path), "val_accuracy")
     assert [r["hyperparameters"]["lr"] for r in rows] == [0.08, 0.05, 0.02]
     assert rows[0]["value"] == pytest.approx(0.8) and rows[0]["step"] == 2
+    # the inter-training table: the run first, its epoch, the settings that differ
+    assert [r["run"] for r in rows] == ["run-1", "run-2", "run-0"]
+    assert [r["varying"] for r in rows] == [{"lr": 0.08}, {"lr": 0.05}, {"lr": 0.02}]
+    assert rows[0]["epoch"] == 2
+
+
+def test_best_text_table_has_every_run_and_the_differing_settings(tmp_path, capsys):
+    from provhpc.cli import main
+
+    for i, lr in enumerate((0.02, 0.08, 0.05)):
+        build_run(tmp_path, f"run-{i}", lr=lr, nodes=("n0",))
+    assert main(["query", str(tmp_path), "best", "--metric", "val_accuracy", "--max"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "val_accuracy", "epoch", "step", "rank", "lr"]
+    assert [ln.split()[0] for ln in lines[1:4]] == ["run-1", "run-2", "run-0"]
+    assert [ln.split()[-1] for ln in lines[1:4]] == ["0.08", "0.05", "0.02"]
 
 
 def test_stage_times_and_stragglers(run):

@@ -136,7 +136,12 @@ def _answer(args, src, run) -> tuple[Any, str]:
             f"{args.threshold:g})"
     elif what == "best":
         res = Q.best(src, args.metric or "val_accuracy", args.mode or "max")
-        text = format_table([{**r, "hyperparameters": r["hyperparameters"]} for r in res])
+        keys = list(res[0]["varying"]) if res else []
+        text = format_table([{"run": r["run"], r["metric"]: r["value"], "epoch": r["epoch"],
+                              "step": r["step"], "rank": r["rank"], **r["varying"]}
+                             for r in res], all_runs=True) + (
+            "\n(the hyperparameters that differ between the runs; --json has them all)"
+            if keys else "")
     elif what == "stages":
         res = Q.stage_times(run)
         res = res[np.isin(res["rank"], parse_ranks(args.rank))] if args.rank else res
@@ -317,6 +322,10 @@ def _add_query(sub):
     p.add_argument("--mode", choices=("max", "min"), default=None,
                    help="best/lagging: is a higher metric better (max) or lower (min); "
                         "default max for best (an accuracy), min for lagging (a loss)")
+    p.add_argument("--max", dest="mode", action="store_const", const="max",
+                   help="the same as --mode max")
+    p.add_argument("--min", dest="mode", action="store_const", const="min",
+                   help="the same as --mode min")
     p.add_argument("--threshold", type=float, default=0.2,
                    help="stragglers/lagging: relative slack over the median (default 0.2)")
     p.add_argument("--origin", help="derivation: only the chain to this origin entity")

@@ -195,10 +195,46 @@ def best(collection, metric="val_accuracy", mode="max") -> list:
         row = m[i]
         hp = hyperparameters_for(run, int(row["rank"]), int(row["activity"]))
         rows.append({"run": run.run_id, "metric": metric, "value": float(row["value"]),
+                     "epoch": _epoch_of(run, int(row["rank"]), int(row["activity"]),
+                                        int(row["t"])),
                      "step": None if row["step"] == R.NO_STEP else int(row["step"]),
                      "rank": int(row["rank"]), "hyperparameters": hp})
     rows.sort(key=lambda r: r["value"], reverse=mode == "max")
+    flat = [_flatten(r["hyperparameters"]) for r in rows]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    for r, f in zip(rows, flat):  # the settings that tell the runs apart
+        r["varying"] = {k: f.get(k) for k in varying}
     return rows
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _epoch_of(run, rank: int, activity: int, when: int) -> int | None:
+    """The index of the epoch ``activity`` is (or is in); else of the rank's last epoch
+    that started before ``when`` (a validation stage beside the epochs); else None."""
+    t = np.asarray(run.tasks())
+    t = t[t["rank"] == rank]
+    rows = {int(i): (str(ty), int(ix), int(p)) for i, ty, ix, p in
+            zip(t["id"].tolist(), t["type"].tolist(), t["index"].tolist(),
+                t["parent"].tolist())}
+    cur, seen = activity, set()
+    while cur in rows and cur not in seen:
+        seen.add(cur)
+        kind, index, parent = rows[cur]
+        if kind == "epoch" and index != R.NO_STEP:
+            return index
+        cur = parent
+    ep = t[(t["type"] == "epoch") & (t["start"] <= when) & (t["index"] != R.NO_STEP)]
+    return int(ep["index"][np.argmax(ep["start"])]) if len(ep) else None
 
 
 def hyperparameters_for(run, rank: int, activity: int) -> dict:
