@@ -1,6 +1,5 @@
 """provhpc report: one self-contained HTML page that shows the provenance of a run."""
 
-import os
 import re
 
 import matplotlib.image as mpimg
@@ -67,12 +66,31 @@ def test_metric_x_axis_is_step_or_time():
     assert x_axis("loss", np.zeros(0, np.int64)) == "t"
 
 
-def test_report_cli_names_the_run_of_a_directory(tmp_path, capsys):
+def test_report_of_a_directory_is_one_page_across_its_runs(tmp_path, capsys):
+    """Issue 15 point 3: the metric curves of all runs overlaid, the best metric against
+    each varying hyperparameter, and the run table, in one self-contained page."""
+    from provhpc.cli import main
+
+    for i, lr in enumerate((0.02, 0.08, 0.05)):
+        build_run(tmp_path, f"run-{i}", lr=lr, nodes=("n0",))
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "rep")]) == 0
+    assert "of 3 runs in" in capsys.readouterr().out
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert not re.search(r"""(src|href)=['"](?!data:)""", page)
+    assert page.count("src='data:image/png;base64,") == 2
+    table = page[:page.index("<h2>Metrics of every run</h2>")]
+    # best first: lr 0.08 (run-1), 0.05 (run-2), 0.02 (run-0); lr is the varying column
+    assert [table.index(r) for r in ("run-1", "run-2", "run-0")] == sorted(
+        table.index(r) for r in ("run-1", "run-2", "run-0"))
+    assert "<th>lr</th>" in table and "<td>0.08</td>" in table and "<th>batch</th>" not in table
+    for png in ("runs-metrics.png", "runs-best.png"):
+        img = mpimg.imread(tmp_path / "rep" / png)
+        assert img[..., :3].std() > 0.05
+
+
+def test_report_of_a_run_of_a_directory(tmp_path, capsys):
     from provhpc.cli import main
 
     build_run(tmp_path, "run-1")
-    build_run(tmp_path, "run-2")
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "rep")]) == 0
-    out = capsys.readouterr().out
-    assert "of run run-2, the newest of 2" in out
-    assert os.path.exists(tmp_path / "rep" / "index.html")
+    assert "of run run-1" in capsys.readouterr().out  # one run: its own page

@@ -49,6 +49,17 @@ def _cmd_report(args) -> int:
     from ..post.report import report
 
     with open_source(args.run) as src:
+        if len(getattr(src, "runs", ())) > 1:  # a directory of runs: the page across them
+            from ..post.report import report_runs
+
+            runs = list(src.runs)
+            for r in runs:
+                require_all(r, args.partial)
+            out = args.output or "provhpc-report-runs"
+            res = report_runs(runs, out, args.metric, args.mode or "max", args.run)
+            emit(args, res, f"wrote {res['html']} ({len(res['images'])} plots) of "
+                            f"{res['runs']} runs in {args.run}")
+            return 0
         run = single_run(src)
         missing = require_all(run, args.partial)
         out = args.output or f"provhpc-report-{run.run_id}"
@@ -67,13 +78,21 @@ def _add_report(sub):
                        "inputs and outputs with their identities, the lineage of each model as "
                        "a graph, ML metric curves per rank, telemetry per node, a labelled "
                        "timeline per rank, failures, stragglers, capture statistics and drops.  "
-                       "RUN may be an output directory: its newest run.  Needs matplotlib.",
+                       "RUN may be an output directory of several runs: then one page across them "
+                       "(the metric curves of all runs overlaid, the best metric against each "
+                       "varying hyperparameter, the run table).  Needs matplotlib.",
                        epilog="examples:\n  provhpc report prov/latest -o report\n"
                        "  chromium --headless --screenshot=report.png report/index.html",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help=RUN_HELP)
     p.add_argument("--output", "-o", metavar="DIR",
-                   help="output directory (default ./provhpc-report-<run_id>)")
+                   help="output directory (default ./provhpc-report-<run_id>, or "
+                   "./provhpc-report-runs for a directory of runs)")
+    p.add_argument("--metric", help="several runs: the metric to rank them by (default "
+                   "val_accuracy, or a loss)")
+    p.add_argument("--mode", choices=("max", "min"), default=None,
+                   help="several runs: is a higher --metric better (max, default; min for a "
+                   "loss)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.add_argument("--partial", action="store_true",
                    help="report on the readable partitions when some cannot be read (the "

@@ -26,6 +26,9 @@ CODE_KINDS = ("code", "script", "software", "source")
 
 
 def _runs(source):
+    """The runs of a Run, a Collection or a list of runs."""
+    if isinstance(source, (list, tuple)):
+        return list(source)
     return getattr(source, "runs", None) or [source]
 
 

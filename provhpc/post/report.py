@@ -26,8 +26,8 @@ from .lineage import code_label, graph, lineage
 from .questions import MODEL_KINDS, io_entities
 from .reader import summary
 
-__all__ = ["io_entities", "lineage_svg", "plot_metrics", "plot_records", "plot_timeline",
-           "report", "x_axis"]
+__all__ = ["io_entities", "lineage_svg", "plot_metrics", "plot_records", "plot_runs",
+           "plot_timeline", "report", "report_runs", "x_axis"]
 
 _LANES = ("run", "stage", "epoch", "task")
 _PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
@@ -469,3 +469,130 @@ def report(run, out_dir: str, missing=()) -> dict:
     with open(html_path, "w") as fh:
         fh.write("\n".join(parts))
     return {"html": html_path, "images": list(images.values())}
+
+
+# ---------------------------------------------------------------------- several runs
+def _label(row: dict) -> str:
+    hp = ", ".join(f"{k}={v}" for k, v in row["varying"].items())
+    return f"{row['run']}" + (f" ({hp})" if hp else "")
+
+
+def plot_runs(runs, path: str, labels: dict) -> str | None:
+    """One panel per ML metric with steps: the mean over ranks per step, a line per run."""
+    plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
+    data = {}
+    for run in runs:
+        m = np.asarray(run.metrics())
+        if len(m):
+            m = m[~np.char.startswith(m["name"].astype(str), "telemetry.")
+                  & (m["step"] != R.NO_STEP)]
+        data[run.run_id] = m
+    names = sorted({n for m in data.values() for n in _curves(m)[0]}) if data else []
+    if not names:
+        return None
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False,
+                             layout="constrained")
+    for ax, name in zip(axes.ravel(), names):
+        for run_id, m in data.items():
+            sel = m[m["name"] == name]
+            if not len(sel):
+                continue
+            steps = np.unique(sel["step"])
+            mean = [float(sel["value"][sel["step"] == k].mean()) for k in steps]
+            ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3,
+                    label=labels.get(run_id, run_id))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Metrics of every run (mean over ranks per step)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_best_vs(rows: list, metric: str, path: str) -> str | None:
+    """The best ``metric`` of each run against each numeric hyperparameter that varies."""
+    plt = _plt()
+    keys = [k for k in (rows[0]["varying"] if rows else {})
+            if all(isinstance(r["varying"].get(k), (int, float)) and
+                   not isinstance(r["varying"].get(k), bool) for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6.0, 4.4 * len(keys)), 3.2), squeeze=False,
+                             layout="constrained")
+    for ax, k in zip(axes.ravel(), keys):
+        x = np.array([r["varying"][k] for r in rows], float)
+        y = np.array([r["value"] for r in rows], float)
+        ax.plot(x, y, "o")
+        for xi, yi, r in zip(x, y, rows):
+            ax.annotate(r["run"][-6:], (xi, yi), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        if (x > 0).all() and x.max() / x.min() >= 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(k)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Best {metric} against each hyperparameter that varies", fontsize=11)
+    return _save(fig, path)
+
+
+def report_runs(runs, out_dir: str, metric: str | None = None, mode: str = "max",
+                title: str = "") -> dict:
+    """One self-contained page about several runs: the metric curves of all runs
+    overlaid, the best ``metric`` against each varying hyperparameter, and the run table
+    (best value, its epoch, the differing hyperparameters, how each run ended)."""
+    runs = list(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    names = {str(n) for r in runs for n in np.asarray(r.metrics())["name"].tolist()}
+    metric = metric or next((m for m in ("val_accuracy", "accuracy", "val_loss", "loss")
+                             if m in names), sorted(names)[0] if names else "")
+    if metric and mode == "max" and "loss" in metric:
+        mode = "min"
+    rows = Q.best(runs, metric, mode) if metric else []
+    labels = {r["run"]: _label(r) for r in rows}
+    images: dict[str, str] = {}
+    for step in track(["curves", "best"], "report: plots of every run"):
+        if step == "curves":
+            p = plot_runs(runs, os.path.join(out_dir, "runs-metrics.png"), labels)
+        else:
+            p = plot_best_vs(rows, metric, os.path.join(out_dir, "runs-best.png"))
+        if p:
+            images[step] = p
+    ends = {r.run_id: r.end()["state"] for r in runs}
+    keys = list(rows[0]["varying"]) if rows else []
+    table = [{"run": r["run"], f"best {metric}": r["value"], "epoch": r["epoch"],
+              "rank": r["rank"], **r["varying"], "ended": ends.get(r["run"], "?")}
+             for r in rows]
+    missing = [r.run_id for r in runs if r.run_id not in labels]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>provhpc report of {len(runs)} runs</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{len(runs)} runs{(' in ' + html.escape(title)) if title else ''}</h1>",
+        f"<p class='note'>Best {html.escape(metric)} ({mode}) per run, best first; the "
+        "columns after the rank are the hyperparameters that differ between the runs.</p>",
+        _table_html(table, ["run", f"best {metric}", "epoch", "rank", *keys, "ended"])
+        if table else "<p class='note'>no run recorded this metric</p>",
+        *([f"<p class='note'>without {html.escape(metric)}: "
+           + ", ".join(html.escape(m) for m in missing) + "</p>"] if missing else []),
+        "<h2>Metrics of every run</h2>",
+        _img(images["curves"], "metrics of every run") if "curves" in images else
+        "<p class='note'>no metric with steps</p>",
+        f"<h2>Best {html.escape(metric)} against the hyperparameters</h2>",
+        _img(images["best"], "best metric against each varying hyperparameter")
+        if "best" in images else
+        "<p class='note'>no numeric hyperparameter varies between the runs</p>",
+        f"<p class='note'>provhpc report, written "
+        f"{_when(int(datetime.datetime.now().timestamp() * 1e9))}.</p></body></html>"]
+    html_path = os.path.join(out_dir, "index.html")
+    with open(html_path, "w") as fh:
+        fh.write("\n".join(parts))
+    return {"html": html_path, "images": list(images.values()), "runs": len(runs),
+            "metric": metric}
