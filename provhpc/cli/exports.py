@@ -15,7 +15,7 @@ def _cmd_export(args) -> int:
 
     with open_source(args.run) as src:
         missing = require_all(src, args.partial)  # never a document that silently lacks a node
-        result = export(src, args.format, args.output, missing)
+        result = export(src, args.format, args.output, missing, args.with_files)
     if args.json:
         print(dump(result))
     elif result.get("text") is not None:
@@ -31,12 +31,17 @@ def _add_export(sub):
     p = sub.add_parser("export", help="W3C PROV (JSON, PROV-N, PROV-O) or Parquet",
                        description="Export RUN (or every run of a directory) as W3C PROV "
                        "through the prov package (prov-json, prov-n, prov-o = RDF/Turtle, "
-                       "needs rdflib) or as Parquet tables through pyarrow (one file per "
-                       "table in --output DIR).  PROV goes to stdout unless --output FILE.")
+                       "needs rdflib), as Parquet tables through pyarrow (one file per "
+                       "table in --output DIR), or as a Workflow Run RO-Crate through rocrate "
+                       "(Process Run Crate profile; --output DIR).  PROV goes to stdout unless "
+                       "--output FILE.")
     p.add_argument("run", metavar="RUN", help=RUN_HELP)
-    p.add_argument("--format", required=True, help="prov-json, prov-n, prov-o (RDF/Turtle) "
-                   "or parquet", choices=("prov-json", "prov-n", "prov-o",
-                                                       "parquet"))
+    p.add_argument("--format", required=True, help="prov-json, prov-n, prov-o (RDF/Turtle), "
+                   "parquet, or ro-crate (a Process Run Crate in --output DIR)",
+                   choices=("prov-json", "prov-n", "prov-o", "parquet", "ro-crate"))
+    p.add_argument("--with-files", action="store_true",
+                   help="ro-crate: copy the used and generated files into the crate (default: "
+                   "they stay where they are, named by file:// ids)")
     p.add_argument("--output", "-o", metavar="PATH", help="file (PROV) or directory (parquet)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.add_argument("--partial", action="store_true",

@@ -15,7 +15,7 @@ from .tables import TABLES, field_names
 
 __all__ = ["FORMATS", "export", "serialize", "to_parquet", "to_prov"]
 
-FORMATS = (*PROV_FORMATS, "parquet")
+FORMATS = (*PROV_FORMATS, "parquet", "ro-crate")
 
 
 class _Runs:
@@ -67,7 +67,8 @@ def to_parquet(source, directory: str) -> list[str]:
     return written
 
 
-def export(source, fmt: str, output: str | None = None, missing=()) -> dict:
+def export(source, fmt: str, output: str | None = None, missing=(),
+           with_files: bool = False) -> dict:
     """Export ``source`` as ``fmt``; PROV text is returned (and written to ``output`` if given).
 
     ``missing``: partitions that could not be read (a ``--partial`` export): the document
@@ -76,6 +77,18 @@ def export(source, fmt: str, output: str | None = None, missing=()) -> dict:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     partial = {"partial": bool(missing), "missing_partitions": list(missing)}
+    if fmt == "ro-crate":
+        if not output:
+            raise ValueError("ro-crate export needs --output DIR")
+        from .rocrate import to_rocrate
+
+        files = [to_rocrate(source, output, with_files)]
+        if missing:
+            note = os.path.join(output, "_partial.json")
+            with open(note, "w") as fh:
+                json.dump(partial, fh, indent=1)
+            files.append(note)
+        return {"format": fmt, "files": files, "text": None, **partial}
     if fmt == "parquet":
         if not output:
             raise ValueError("parquet export needs --output DIR")
