@@ -89,8 +89,9 @@ def test_how_a_job_ended(venv_bin, clean_env, tmp_path, how):
             assert end["message"] == "bad batch at step 19"
             line = PROG.split("\n").index('            raise ValueError("bad batch at step 19")')
             assert end["where"].endswith(f"prog.py:{line + 1} in train"), end["where"]
-        if how == "killed":
-            assert end["first"] == 1 and set(end["ranks"]) == {0, 1}, end
+        if how == "killed":  # rank 1 died; the launcher then took rank 0 down: either the
+            # aggregator saw rank 1 go first, or it found both gone in one check
+            assert set(end["ranks"]) == {0, 1} and end["first"] in (1, None), end
         text = subprocess.run([os.path.join(venv_bin, "provhpc"), "summary", run],
                               env=clean_env, capture_output=True, text=True).stdout
         assert f"ended {how}" in text, text

@@ -180,6 +180,10 @@ def format_end(end: dict) -> str:
                 + (f" raised {what}" if what else "")
                 + (f" at {end['where']}" if end.get("where") else ""))
     if state == "killed":
+        if end["first"] is None:
+            return (f"ended killed: rank(s) {', '.join(map(str, end['ranks']))} died without "
+                    "a goodbye, found together by their aggregator (which went first is not "
+                    "known, nor the signal)")
         rest = [r for r in end["ranks"] if r != end["first"]]
         return (f"ended killed: rank {end['first']} died first"
                 + (f", then rank(s) {', '.join(map(str, rest))}" if rest else "")

@@ -26,13 +26,14 @@ from .tables import TABLES
 LIVE_WINDOW_S = 15.0
 #: the partition schema versions this reader understands (``format.records.SCHEMA_VERSION``)
 SCHEMA_VERSIONS = (1,)
+SAME_CHECK_NS = 50_000_000  # ranks an aggregator found dead within 50 ms: one check
 
 if TYPE_CHECKING:
     from .index import Index
 
 __all__ = [
-    "LIVE_WINDOW_S", "SCHEMA_VERSIONS", "Collection", "Partition", "PartitionError", "Run",
-    "is_run_dir", "open_path", "summary"
+    "LIVE_WINDOW_S", "SAME_CHECK_NS", "SCHEMA_VERSIONS", "Collection", "Partition",
+    "PartitionError", "Run", "is_run_dir", "open_path", "summary"
 ]
 
 
@@ -415,8 +416,13 @@ class Run(_Tables):
         gone = by_status.get("killed", []) + by_status.get("salvaged", [])
         if gone:
             gone.sort(key=lambda r: (r["end"] if r["end"] > 0 else 1 << 62, r["rank"]))
-            return {"state": "killed", "ranks": [r["rank"] for r in gone],
-                    "first": gone[0]["rank"], "signal": None}
+            # the aggregator sees deaths once per liveness check: ranks found dead in the
+            # same check died "together", and which of them went first is not known
+            ends = [r["end"] for r in gone if r["end"] > 0]
+            first = gone[0]["rank"] if len(ends) == len(gone) and (
+                len(ends) == 1 or ends[1] - ends[0] >= SAME_CHECK_NS) else None
+            return {"state": "killed", "ranks": [r["rank"] for r in gone], "first": first,
+                    "signal": None}
         if by_status.get("running") or by_status.get("lost") or not ranks:
             return {"state": "lost", "ranks": [r["rank"] for r in
                                                by_status.get("running", []) +
