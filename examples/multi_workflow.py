@@ -1,8 +1,9 @@
 """Three workflows, one lineage graph: curation run -> training run -> inference run.
 
 Each stage is its own provhpc run (its own job in real life) writing into the
-same output directory.  The files that pass between them are recorded with
-``hash=True``, so the runs link by identity (path plus content hash), as in
+same output directory.  The files that pass between them are recorded as they are
+(``provhpc.data(path)``, no hash asked for): each record carries the file's size and
+modification time, so the runs link by identity (path plus that fingerprint), as in
 ProvLake's multi-workflow view:
 
     python examples/multi_workflow.py --out provenance-mw
@@ -36,19 +37,19 @@ def curation(args) -> None:
         x = rng.normal(size=(200, 8))
         x[rng.random(200) < 0.05] = np.nan
         np.save(path, x)
-        raws.append(provhpc.data(path, kind="raw", hash=True))
+        raws.append(provhpc.data(path, kind="raw"))
     with provhpc.stage("curation", used=raws, drop_nan=True) as st:
         x = np.concatenate([np.load(r.key) for r in raws])
         x = x[~np.isnan(x).any(axis=1)]
         out = os.path.join(args.data, "curated.npy")
         np.save(out, x)
-        st.generated(provhpc.data(out, kind="dataset", hash=True, derived_from=raws,
+        st.generated(provhpc.data(out, kind="dataset", derived_from=raws,
                                   rows=len(x)))
 
 
 def training(args) -> None:
     curated = os.path.join(args.data, "curated.npy")
-    data = provhpc.data(curated, kind="dataset", hash=True)
+    data = provhpc.data(curated, kind="dataset")
     hp = provhpc.hyperparameters(lr=args.lr, epochs=args.epochs)
     x = np.load(curated)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(float)
@@ -65,22 +66,22 @@ def training(args) -> None:
     with provhpc.task("save_model", used=[hp]) as t:
         os.makedirs(os.path.dirname(args.model), exist_ok=True)
         np.save(args.model, w)
-        t.generated(provhpc.data(args.model, kind="model", hash=True, derived_from=[data, hp],
+        t.generated(provhpc.data(args.model, kind="model", derived_from=[data, hp],
                                  train_accuracy=acc))
 
 
 def inference(args) -> None:
-    model = provhpc.data(args.model, kind="model", hash=True)
+    model = provhpc.data(args.model, kind="model")
     rng = np.random.default_rng(args.seed + 1)
     batch_path = os.path.join(args.data, "incoming.npy")
     np.save(batch_path, rng.normal(size=(50, 8)))
-    batch = provhpc.data(batch_path, kind="raw", hash=True)
+    batch = provhpc.data(batch_path, kind="raw")
     with provhpc.stage("inference", used=[model, batch]) as st:
         pred = (np.load(batch_path) @ np.load(args.model) > 0).astype(np.int8)
         os.makedirs("predictions", exist_ok=True)
         out = os.path.join("predictions", "predictions.npy")
         np.save(out, pred)
-        st.generated(provhpc.data(out, kind="predictions", hash=True,
+        st.generated(provhpc.data(out, kind="predictions",
                                   derived_from=[model, batch], positives=int(pred.sum())))
 
 

@@ -258,9 +258,10 @@ def data(path_or_id: Any, *, kind: str = "data", derived_from: Any = (), hash: b
          **attributes: Any) -> Entity:
     """A data entity (file, shard, model, checkpoint, domain object).
 
-    ``path_or_id`` is its identity across ranks and runs; with ``hash=True`` a
-    file's content hash is recorded too (attribute ``hash``), so entities link
-    across runs by content.  For an existing file its size is recorded.
+    ``path_or_id`` is its identity across ranks and runs.  For an existing file its
+    size and modification time are recorded (one ``stat``): the same path with the same
+    size and mtime is one entity across ranks and runs; with ``hash=True`` its content
+    hash is recorded too (attribute ``hash``), and entities link by content.
     """
     key = os.fspath(path_or_id) if isinstance(path_or_id, os.PathLike) else path_or_id
     check_name(key, "data identity")
@@ -274,8 +275,9 @@ def data(path_or_id: Any, *, kind: str = "data", derived_from: Any = (), hash: b
     extra: dict[str, Any] = {}
     if kind != "domain" and ("/" in key or "." in key):
         try:
-            st = os.stat(key)
+            st = os.stat(key)  # one stat: the fingerprint that links the file across runs
             extra["size"] = st.st_size
+            extra["mtime_ns"] = st.st_mtime_ns
             if hash and os.path.isfile(key):
                 extra["hash"] = file_hash(key)
         except OSError:

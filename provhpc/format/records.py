@@ -20,7 +20,7 @@ __all__ = [
     "F_SALVAGED", "F_TRUNCATED", "HAD_MEMBER", "KIND_NAMES", "METRIC", "NO_STEP", "RECORD",
     "RECORD_DTYPE", "RECORD_FORMAT", "RECORD_HDR", "RECORD_SIZE", "RELATION", "SCHEMA_VERSION",
     "STATUS_NAMES", "STRING", "USED", "VTYPE_NAMES", "WAS_DERIVED_FROM", "WAS_GENERATED_BY",
-    "WAS_INFORMED_BY", "coerce", "flatten", "header", "is_finite_number"
+    "WAS_INFORMED_BY", "WAS_REVISION_OF", "coerce", "flatten", "header", "is_finite_number"
 ]
 
 SCHEMA_VERSION = 1
@@ -63,6 +63,7 @@ WAS_GENERATED_BY = "wasGeneratedBy"
 WAS_DERIVED_FROM = "wasDerivedFrom"
 WAS_INFORMED_BY = "wasInformedBy"
 HAD_MEMBER = "hadMember"
+WAS_REVISION_OF = "wasRevisionOf"  # drawn by the reader between versions of one path
 
 RECORD_FORMAT = "<BBHiQQqIIqqd"
 RECORD = struct.Struct(RECORD_FORMAT)

@@ -5,6 +5,10 @@ records denote the same logical entity when they share an identity:
 
 * a content hash (``data(path, hash=True)``): the path (made absolute with the
   run's working directory) plus the hash — this links a file across runs;
+* a fingerprint (``size`` and ``mtime_ns``, recorded by ``data(path)`` of an existing
+  file): the absolute path plus size and mtime — this links a file across runs too;
+  the same path with another hash or fingerprint is another version, linked to the
+  one before it by ``wasRevisionOf``;
 * a key with a URI scheme (``urn:…``, ``doi:…``, ``s3://…``): a user-given
   global id — also links across runs;
 * otherwise kind plus key within one run (every rank's ``split/validation``
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..format import records as R
 from .prov import document
 from .tables import as_table, lookup, pair_keys
 
@@ -40,14 +45,23 @@ EDGE_DTYPE = np.dtype([("src", "<i8"), ("relation", "O"), ("dst", "<i8"), ("run"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-def entity_identity(run_id: str, cwd: str, kind, key, hsh) -> np.ndarray:
+def entity_identity(run_id: str, cwd: str, kind, key, hsh, fp=None) -> np.ndarray:
     """The identity string of each entity record (see the module docstring).
 
+    ``fp``: each record's file fingerprint (``size:mtime_ns``, '' for none).
     Object-array arithmetic and one string scan for ':' keep this off a
-    per-record Python loop; only hashed and URI-like keys are looked at singly.
+    per-record Python loop; only hashed, fingerprinted and URI-like keys are looked
+    at singly.
     """
     kind, key, hsh = (np.asarray(x, object) for x in (kind, key, hsh))
     out = f"run:{run_id}:" + kind + ":" + key if len(key) else np.zeros(0, object)
+    if fp is not None and len(key):
+        fp = np.asarray(fp, object)
+        for i in np.flatnonzero((fp != "") & (hsh == "")).tolist():
+            k = key[i]
+            if not _URI.match(k):  # a file seen by its fingerprint: path, size, mtime
+                path = os.path.normpath(os.path.join(cwd, k)) if cwd else k
+                out[i] = f"file:{path}@{fp[i]}"
     hashed = np.flatnonzero(hsh != "")
     colon = np.flatnonzero((np.char.find(key.astype(str), ":") > 0) & (hsh == "")) \
         if len(key) else np.zeros(0, np.int64)
@@ -77,7 +91,8 @@ class Graph:
             t, e, r = np.asarray(run.tasks()), np.asarray(run.entities()), \
                 np.asarray(run.relations())
             cwd = (run.manifest.get("meta") or {}).get("cwd", "")
-            ident = entity_identity(run.run_id, cwd, e["kind"], e["key"], e["hash"])
+            ident = entity_identity(run.run_id, cwd, e["kind"], e["key"], e["hash"],
+                                    fingerprints(run, e))
             e, ident, r = _with_code(run, t, e, ident, r)
             kt, ke, ks, ko = pair_keys((t["rank"], t["id"]), (e["rank"], e["id"]),
                                        (r["rank"], r["subject"]), (r["rank"], r["object"]))
@@ -149,6 +164,15 @@ class Graph:
                 _, keep = np.unique(np.stack([edges["src"], edges["dst"], rel_code], 1),
                                     axis=0, return_index=True)
             edges = edges[np.sort(keep)]
+        rev = revisions(nodes) if len(uniq) else []
+        if rev:  # a path rewritten between its records: each version a revision of the last
+            extra = np.zeros(len(rev), EDGE_DTYPE)
+            extra["src"] = [a for a, _ in rev]
+            extra["dst"] = [b for _, b in rev]
+            extra["relation"] = R.WAS_REVISION_OF
+            extra["run"], extra["rank"] = nodes["run"][extra["src"]], nodes["rank"][extra["src"]]
+            extra["t"] = nodes["start"][extra["src"]]
+            edges = np.concatenate([edges, extra])
         self._edges, self._stored_edges = as_table(edges), None
         # per direction: (indptr, neighbour node, edge row) sorted by the edge's first node
         self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
@@ -289,6 +313,54 @@ class Graph:
         if n["type"] == "activity":
             return f"{n['kind']} {n['name']} (rank {n['rank']}, {n['rank']}:{n['id']})"
         return f"{n['kind']} {n['name']}"
+
+
+def fingerprints(run, e: np.ndarray) -> np.ndarray:
+    """``size:mtime_ns`` of each entity record of ``e`` whose file was stat-ed when it was
+    recorded (the last value of each), '' for the others."""
+    out = np.full(len(e), "", object)
+    if not len(e):
+        return out
+    a = np.asarray(run.attributes())
+    if not len(a):
+        return out
+    a = a[(a["role"] == "attribute") & np.isin(a["key"], ["size", "mtime_ns"])]
+    if not len(a):
+        return out
+    ke, ka = pair_keys((e["rank"], e["id"]), (a["rank"], a["owner"]))
+    order = np.argsort(ke, kind="stable")
+    row = lookup(ke[order], order, ka)
+    size: dict[int, object] = {}
+    mtime: dict[int, object] = {}
+    for r, k, v in zip(row.tolist(), a["key"].tolist(), a["value"].tolist()):
+        if r >= 0:
+            (size if k == "size" else mtime)[r] = v
+    for r, m in mtime.items():
+        if r in size:
+            out[r] = f"{size[r]}:{m}"
+    return out
+
+
+def revisions(nodes: np.ndarray) -> list[tuple[int, int]]:
+    """(newer, older) node pairs: one path seen with different content (hash or
+    fingerprint) is a sequence of versions, each a revision of the one before it."""
+    ident = nodes["identity"].astype(str)
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    for i in np.flatnonzero(np.char.startswith(ident, "file:")).tolist():
+        s = ident[i][5:]
+        path, sep, rest = s.partition("#")
+        if not sep:
+            path, _, rest = s.rpartition("@")
+            when = int(rest.split(":")[1]) if ":" in rest else int(nodes["start"][i])
+        else:
+            when = int(nodes["start"][i])
+        by_path.setdefault(path, []).append((when, i))
+    out = []
+    for versions in by_path.values():
+        if len(versions) > 1:
+            versions.sort()
+            out += [(b, a) for (_, a), (_, b) in zip(versions, versions[1:])]
+    return out
 
 
 CODE_ID = 1 << 63  # the record id of a run's code entity (no rank's ids reach it)

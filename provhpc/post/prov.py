@@ -240,6 +240,9 @@ class _Builder:
                 self.doc.wasInformedBy(s, d)
             elif rel == R.HAD_MEMBER:
                 self.doc.hadMember(s, d)
+            elif rel == R.WAS_REVISION_OF:  # a newer version of the same path
+                self.doc.wasDerivedFrom(s, d, other_attributes={
+                    "prov:type": self.pm.PROV["Revision"]})
             else:
                 self.doc.influence(s, d, other_attributes={self.t("relation"): rel})
         seen = set()
