@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 perf = time.perf_counter_ns
+DATA_FILE = ""  # an existing file for the data(path) row (made in main)
 
 # Targets of issue 4 (benchmarks, not tests).
 METRIC_MAX_X_FLOOR = 6.0
@@ -121,6 +122,18 @@ def loop_data(fn, n):
     t0 = perf()
     for _ in range(n):
         fn("sample-17", kind="shard")
+    return (perf() - t0) / n
+
+
+def floor_stat(path, *, kind="data", **attributes):
+    """The floor of data(path) of an existing file: the one stat it needs."""
+    os.stat(path)
+
+
+def loop_data_path(fn, n, path):
+    t0 = perf()
+    for _ in range(n):
+        fn(path, kind="raw")
     return (perf() - t0) / n
 
 
@@ -280,6 +293,12 @@ def build_cases(provhpc, api, peers, n):
             "provhpc": lambda: loop_attribute(provhpc.attribute, n),
             "provhpc off": off(lambda: loop_attribute(provhpc.attribute, n)),
         }),
+        # an existing file: its identity (path, size, mtime) costs one stat; floor = a stat
+        ("data(path) of an existing file (floor: one os.stat)", 4, {
+            "floor": lambda: loop_data_path(floor_stat, n // 4, DATA_FILE),
+            "provhpc": lambda: loop_data_path(provhpc.data, n // 4, DATA_FILE),
+            "provhpc off": off(lambda: loop_data_path(provhpc.data, n // 4, DATA_FILE)),
+        }),
     ]
     if peers.mlflow is not None:
         rows[0][2]["MLflow"] = lambda: loop_metric(peers.mlflow, max(10, n // 400))
@@ -300,6 +319,11 @@ def main(argv=None) -> int:
     rounds = args.rounds or (7 if args.quick else 21)
 
     scratch = tempfile.mkdtemp(prefix="provhpc-bench-")
+    global DATA_FILE
+    DATA_FILE = os.path.join(scratch, "data", "survey_00.npz")
+    os.makedirs(os.path.dirname(DATA_FILE))
+    with open(DATA_FILE, "wb") as fh:
+        fh.write(os.urandom(1 << 16))
     try:
         provhpc, api, session = start_provhpc(os.path.join(scratch, "prov"))
         peers = Peers(scratch, not args.no_mlflow)

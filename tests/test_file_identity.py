@@ -100,3 +100,17 @@ def test_the_multi_workflow_example_links_without_hashes(tmp_path, venv_bin, cle
         assert len(runs) == 3, runs  # inference <- training <- curation
         assert {os.path.basename(str(n["name"])) for n in nodes} >= {
             "raw_0.npy", "curated.npy", "logreg.npy"}
+
+
+def test_lineage_explain_says_why_records_of_two_runs_are_one(runs, capsys):
+    import json
+
+    from provhpc.cli import main
+
+    out, d = runs
+    assert main(["lineage", str(out), os.path.join(d, "model-b-train.npy"), "--explain",
+                 "--json"]) == 0
+    joins = json.loads(capsys.readouterr().out)["joins"]
+    (cur,) = [j for j in joins if j["name"].endswith("curated.npy")]
+    assert cur["runs"] == ["a-curate", "b-train"]
+    assert cur["rule"].startswith("the same path, size and modification time")

@@ -357,9 +357,17 @@ def _cmd_lineage(args) -> int:
 
             print(serialize(lin.to_prov(), args.format))
             return 0
+        joins = []
+        if args.explain:  # every entity of the closure that joins records of several runs
+            for n in lin.nodes.to_dicts():
+                if n["type"] == "entity":
+                    why = g.explain(n["node"])
+                    if len(why["runs"]) > 1:
+                        joins.append({**why, "name": n["name"]})
         if args.json:
             print(dump({**lin.to_dict(), "partial": bool(missing),
-                        "missing_partitions": missing}))
+                        "missing_partitions": missing,
+                        **({"joins": joins} if args.explain else {})}))
             return 0
         if missing:
             print(f"partial: {len(missing)} partition(s) could not be read: "
@@ -373,6 +381,11 @@ def _cmd_lineage(args) -> int:
         print("edges:")
         for e in lin.edges.to_dicts():
             print(f"  {g.label(e['src'])} --{e['relation']}--> {g.label(e['dst'])}")
+        if args.explain:
+            print("joins across runs:" if joins else "joins across runs: none")
+            for j in joins:
+                print(f"  {j['name']}: one entity in runs {', '.join(j['runs'])}: "
+                      f"{j['rule']}")
     return 0
 
 
@@ -396,6 +409,9 @@ def _add_lineage(sub):
     p.add_argument("--partial", action="store_true",
                    help="answer from the readable partitions when some cannot be read, "
                    "marked as partial, instead of refusing")
+    p.add_argument("--explain", action="store_true",
+                   help="say, for each entity that joins records of several runs, why they "
+                   "are one (content hash, path+size+mtime, URI-like id, code commit)")
     p.set_defaults(func=_cmd_lineage)
 
 

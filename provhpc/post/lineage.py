@@ -308,6 +308,30 @@ class Graph:
             else self.resolve(spec, cwd)
         return self.closure(start, direction, depth)
 
+    def explain(self, i: int) -> dict:
+        """Why the records of entity node ``i`` are one entity: the runs they come from
+        and the rule that joined them (content hash, fingerprint, URI-like id, code of
+        one clean commit, or kind and key within one run)."""
+        n = self.node_rows([int(i)])[0]
+        ident = str(n["identity"])
+        runs: list[str] = []
+        er = self.entity_records
+        if er is not None and len(er):
+            recs = np.flatnonzero(np.asarray(self.entity_of_record) == int(i))
+            runs = sorted({str(x) for x in np.asarray(er["run"])[recs].tolist()})
+        if ident.startswith("file:") and "#" in ident:
+            rule = "the same path and content hash"
+        elif ident.startswith("file:"):
+            rule = "the same path, size and modification time (no hash was recorded)"
+        elif ident.startswith("id:"):
+            rule = "the same URI-like id"
+        elif ident.startswith("code:"):
+            rule = "the same script at the same clean git commit"
+        else:
+            rule = "the same kind and key within one run (never joined across runs)"
+        return {"node": int(i), "identity": ident, "runs": runs or [str(n["run"])],
+                "rule": rule}
+
     def label(self, i: int) -> str:
         n = self.node_rows([int(i)])[0]
         if n["type"] == "activity":
