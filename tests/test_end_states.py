@@ -123,6 +123,12 @@ def test_a_job_killed_whole_is_lost(venv_bin, clean_env, tmp_path):
         proc.wait(10)
         s = _settled(venv_bin, clean_env, run)
         assert s["status"] == "lost" and s["end"]["state"] == "lost", (s["status"], s["end"])
+        rec = subprocess.run([os.path.join(venv_bin, "provhpc"), "recover", run],
+                             env=clean_env, capture_output=True, text=True, timeout=60)
+        assert rec.returncode == 0, rec.stderr
+        assert rec.stdout.startswith(f"recover {run}: ended lost"), rec.stdout
+        # after recover (segments salvaged, partition complete) the run is still lost
+        assert _settled(venv_bin, clean_env, run)["end"]["state"] == "lost"
     finally:
         kill_tree(proc)
         remove_segments("lost")

@@ -59,7 +59,7 @@ def _cmd_recover(args) -> int:
                       os.path.join(path, d)) and is_run_dir(os.path.join(path, d))) \
         if os.path.isdir(path) and not is_run_dir(path) else []
     if runs:  # an output directory: every run in it
-        reports = [recover(r) for r in runs]
+        reports = [_with_end(recover(r)) for r in runs]
         if args.json:
             print(dump(reports))
         else:
@@ -67,14 +67,28 @@ def _cmd_recover(args) -> int:
         errors = {p: f"{p}: {e}" for r in reports for p, e in r["errors"].items()}
         UNREADABLE.update(errors)
         return 1 if errors else 0
-    res = recover(path)
+    res = _with_end(recover(path))
     emit(args, res, _recover_text(res))
     UNREADABLE.update({p: f"{p}: {e}" for p, e in res["errors"].items()})  # on stderr
     return 1 if res["errors"] else 0
 
 
+def _with_end(res: dict) -> dict:
+    """The report with how the run ended, read after the repair (``Run.end()``)."""
+    from ..post.reader import PartitionError, Run
+
+    try:
+        with Run(res["run_dir"], use_index=False) as run:
+            res["end"] = run.end() if run.partition_paths else {"state": "unknown"}
+    except (OSError, PartitionError, ValueError) as exc:
+        res["end"] = {"state": "unknown", "why": str(exc)}
+    return res
+
+
 def _recover_text(res: dict) -> str:
-    lines = [f"recover {res['run_dir']}"]
+    from .output import format_end
+
+    lines = [f"recover {res['run_dir']}: {format_end(res['end'])}"]
     for p in res["partitions"]:
         extra = {k: v for k, v in p.items() if k not in ("path", "action", "reason")}
         lines.append(f"  {p['path']}: {p['action']}"

@@ -47,7 +47,7 @@ def recover(run_dir: str, force: bool = False) -> dict:
     was salvaged.  ``force`` also takes segments of live processes and
     partitions whose writer still runs (only for a writer known to be hung).
     """
-    run_dir = os.path.abspath(run_dir)
+    run_dir = os.path.realpath(run_dir)  # prov/latest is the run it points to
     run_id = os.path.basename(run_dir)
     if not _RUN_ID_RE.match(run_id) or ".." in run_id:
         raise ValueError(f"{run_dir!r} is not a run directory")

@@ -373,10 +373,10 @@ class Run(_Tables):
         ranks = [r["status"] for r in self.ranks() if r["role"] == "rank"]
         if "error" in ranks:
             return "error"
-        if any(r in ("killed", "salvaged") for r in ranks):
+        if "killed" in ranks:
             return "killed"
-        if any(r in ("lost", "running") for r in ranks):
-            return "lost"  # no process left and nobody wrote an end
+        if any(r in ("lost", "running", "salvaged") for r in ranks):
+            return "lost"  # no process left and nobody wrote an end (recover: salvaged)
         return "ended" if ranks else "unknown"
 
     def end(self) -> dict:
@@ -413,7 +413,7 @@ class Run(_Tables):
         if by_status.get("terminated"):
             return {"state": "terminated", "ranks": [r["rank"] for r in
                                                      by_status["terminated"]]}
-        gone = by_status.get("killed", []) + by_status.get("salvaged", [])
+        gone = by_status.get("killed", [])  # seen dying by their aggregator
         if gone:
             gone.sort(key=lambda r: (r["end"] if r["end"] > 0 else 1 << 62, r["rank"]))
             # the aggregator sees deaths once per liveness check: ranks found dead in the
@@ -423,10 +423,10 @@ class Run(_Tables):
                 len(ends) == 1 or ends[1] - ends[0] >= SAME_CHECK_NS) else None
             return {"state": "killed", "ranks": [r["rank"] for r in gone], "first": first,
                     "signal": None}
-        if by_status.get("running") or by_status.get("lost") or not ranks:
-            return {"state": "lost", "ranks": [r["rank"] for r in
-                                               by_status.get("running", []) +
-                                               by_status.get("lost", [])]}
+        lost = by_status.get("running", []) + by_status.get("lost", []) + \
+            by_status.get("salvaged", [])  # salvaged: by recover, after the job was lost
+        if lost or not ranks:
+            return {"state": "lost", "ranks": sorted(r["rank"] for r in lost)}
         if all(r["status"] == "ok" and r["exit_code"] == 0 for r in ranks):
             return {"state": "completed"}
         return {"state": "failed", "rank": next(r["rank"] for r in ranks
