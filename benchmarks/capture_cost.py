@@ -294,7 +294,7 @@ def build_cases(provhpc, api, peers, n):
             "provhpc off": off(lambda: loop_attribute(provhpc.attribute, n)),
         }),
         # an existing file: its identity (path, size, mtime) costs one stat; floor = a stat
-        ("data(path) of an existing file (floor: one os.stat)", 4, {
+        ("data(path) of an existing file (floor: one os.stat)", 3, {
             "floor": lambda: loop_data_path(floor_stat, n // 4, DATA_FILE),
             "provhpc": lambda: loop_data_path(provhpc.data, n // 4, DATA_FILE),
             "provhpc off": off(lambda: loop_data_path(provhpc.data, n // 4, DATA_FILE)),
