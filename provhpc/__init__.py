@@ -27,7 +27,10 @@ def flush(timeout=None) -> bool:
     from .capture import api
 
     agent = api.get_agent(start_child=False)
-    return True if agent is None else agent.flush(timeout)
+    if agent is None:
+        return True
+    api.fingerprint_pending(agent)  # files of activities the C path ended since
+    return agent.flush(timeout)
 
 
 def open(path):  # noqa: A001 - the documented entry point, like h5py.File / io.open

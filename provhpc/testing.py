@@ -95,6 +95,7 @@ def capture(tmp_path, rank: int = 0, node: str = "testnode", run_id: str | None 
     finally:
         api.CURRENT.reset(outer)
         api.set_agent(previous)
+        api.fingerprint_pending(agent)  # as provhpc's shutdown does
         agent.end_open_activities()
         agent.shutdown()
         thread.join(15)

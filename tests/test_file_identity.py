@@ -114,3 +114,23 @@ def test_lineage_explain_says_why_records_of_two_runs_are_one(runs, capsys):
     (cur,) = [j for j in joins if j["name"].endswith("curated.npy")]
     assert cur["runs"] == ["a-curate", "b-train"]
     assert cur["rule"].startswith("the same path, size and modification time")
+
+
+def test_a_file_declared_before_it_is_written_is_fingerprinted_when_done(tmp_path):
+    d = str(tmp_path)
+    path = os.path.join(d, "curated.npy")
+    out = tmp_path / "prov"
+    with capture(out, run_id="a-curate"):
+        cur = provhpc.data(path, kind="dataset")  # no file yet: no fingerprint
+        with provhpc.stage("curation") as st:
+            st.generated(cur)
+            np.save(path, np.arange(5))  # written after it was declared
+    with capture(out, run_id="b-train"):
+        used = provhpc.data(path, kind="dataset")
+        with provhpc.stage("train", used=[used]):
+            pass
+    with open_path(str(out)) as coll:
+        g = graph(coll)
+        curated = [n for n in g.nodes.to_dicts() if str(n["name"]).endswith("curated.npy")]
+        assert len(curated) == 1, curated  # the declared output and the later input: one
+        assert g.explain(curated[0]["node"])["runs"] == ["a-curate", "b-train"]

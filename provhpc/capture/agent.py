@@ -159,6 +159,9 @@ class Agent:
         self._bad_lock = threading.Lock()
         self.strings_defined = 0
         self.open_activities: dict[int, None] = {}
+        # per activity id, the path-like entities it generated: (entity, key), stat-ed
+        # again when it ends (provhpc.capture.api.fingerprint_pending)
+        self.pending_fingerprints: dict[int, list[tuple[Any, str]]] = {}
         self._outbox: deque[tuple[int, int, int, int]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)

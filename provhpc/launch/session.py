@@ -666,6 +666,7 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
     s.closed = True
     _restore_env()
     agent = s.agent
+    api.fingerprint_pending(agent)  # the files of activities the C fast path ended
     agent.end_open_activities(keep=s.run_activity.id if s.run_activity is not None else 0)
     if s.run_activity is not None:
         try:
