@@ -129,6 +129,10 @@ def test_a_job_killed_whole_is_lost(venv_bin, clean_env, tmp_path):
         assert rec.stdout.startswith(f"recover {run}: ended lost"), rec.stdout
         # after recover (segments salvaged, partition complete) the run is still lost
         assert _settled(venv_bin, clean_env, run)["end"]["state"] == "lost"
+        # and its manifest says so: it no longer reads running to anyone
+        with open(os.path.join(run, "manifest.json")) as fh:
+            m = json.load(fh)
+        assert m["status"] == "lost" and m["ended"]["state"] == "lost", m
     finally:
         kill_tree(proc)
         remove_segments("lost")

@@ -75,11 +75,12 @@ def _cmd_recover(args) -> int:
 
 def _with_end(res: dict) -> dict:
     """The report with how the run ended, read after the repair (``Run.end()``)."""
-    from ..post.reader import PartitionError, Run
+    from ..post.reader import PartitionError, Run, record_end
 
     try:
         with Run(res["run_dir"], use_index=False) as run:
-            res["end"] = run.end() if run.partition_paths else {"state": "unknown"}
+            # written into the manifest too: it no longer says running once all is gone
+            res["end"] = record_end(run) if run.partition_paths else {"state": "unknown"}
     except (OSError, PartitionError, ValueError) as exc:
         res["end"] = {"state": "unknown", "why": str(exc)}
     return res
@@ -110,8 +111,10 @@ def _add_recover(sub):
                        "segments of dead ranks.  Each partition's contents are checked (schema, "
                        "dtypes, every record chunk, string ids): one that cannot be opened is "
                        "moved to <file>.corrupt, one that opens but is unsound is named and left "
-                       "in place; either makes the exit status 1.  RUN may be an output directory: "
-                       "every run in it is recovered.",
+                       "in place; either makes the exit status 1.  How the run ended (with the "
+                       "scheduler's verdict under SLURM) is then written into its manifest "
+                       "(`ended`).  RUN may be an output directory: every run in it is "
+                       "recovered.",
                        epilog="examples:\n  provhpc recover prov/20261207-015636-60c943",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help=RUN_HELP)

@@ -172,7 +172,20 @@ def single_run(source):
 
 
 def format_end(end: dict) -> str:
-    """One line: how the job ended (``Run.end()``)."""
+    """One line: how the job ended (``Run.end()``), with the scheduler's word for why."""
+    line = _format_end(end)
+    said = end.get("scheduler")
+    if said:
+        why = said.get("verdict") or "cannot tell yet"
+        line += (f"; {said.get('scheduler', 'scheduler').upper()} says {why} (job state "
+                 f"{said.get('state', '?')}"
+                 + (f", reason {said['reason']}" if said.get("reason") else "")
+                 + f", from {said.get('source', '?')}"
+                 + ("" if said.get("final") else ", not final") + ")")
+    return line
+
+
+def _format_end(end: dict) -> str:
     state = end.get("state", "?")
     if state == "failed":
         what = ": ".join(x for x in (end.get("exception"), end.get("message")) if x)
@@ -223,6 +236,10 @@ def format_summary(s: dict) -> str:
              + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
     if s.get("end"):
         lines.append(format_end(s["end"]))
+    if s.get("attempt") or s.get("previous_attempt"):
+        lines.append(f"attempt {s.get('attempt', 0)} of its job"
+                     + (f", after run {s['previous_attempt']}" if s.get("previous_attempt")
+                        else " (no earlier attempt found beside it)"))
     if s.get("code"):
         lines.append(format_code(s["code"], s.get("environment") or {}))
     kinds = ["activity_start", "activity_end", "entity", "relation", "attribute", "metric"]

@@ -39,20 +39,56 @@ def _cmd_ls(args) -> int:
             records += len(p)
         from ..post.query import iso
 
+        end = run.end()
         rows.append({"run_id": run.run_id, "start": iso(m.get("start") or -1),
-                     "status": run.status, "end": run.end()["state"], "nodes": len(nodes),
+                     "status": run.status, "end": end["state"], "cause": end.get("cause"),
+                     "job": str(meta.get("job_id") or ""), "attempt": run.attempt,
+                     "previous_attempt": run.previous_attempt, "nodes": len(nodes),
                      "ranks": meta.get("world_size"), "records": records,
-                     "program": os.path.basename(prog), "errors": len(run.errors)})
+                     "program": os.path.basename(prog), "errors": len(run.errors),
+                     "_start": m.get("start") or 0})
         note_errors(run)  # named on stderr by provhpc.cli.main; the verb exits 1
         run.close()
-    emit(args, rows, format_table(rows))
+    rows = _group_attempts(rows)
+    text = [{k: ("" if v is None else v) for k, v in r.items()
+             if k not in ("cause", "previous_attempt")} | {
+                 "end": r["end"] + (f" ({r['cause']})" if r["cause"] else "")} for r in rows]
+    emit(args, rows, format_table(text))
     return 0
+
+
+def _group_attempts(rows: list[dict]) -> list[dict]:
+    """The runs of one scheduler job (its steps, and its attempts: a requeued SLURM job
+    keeps its id) next to each other, oldest attempt first, each group where its first
+    run started."""
+    by_run = {r["run_id"]: r for r in rows}
+
+    def first(r):  # the earliest attempt reachable through previous_attempt
+        seen = set()
+        while r["previous_attempt"] in by_run and r["run_id"] not in seen:
+            seen.add(r["run_id"])
+            r = by_run[r["previous_attempt"]]
+        return r
+
+    groups: dict = {}
+    for r in rows:
+        root = first(r)  # the runs (steps, attempts) of one scheduler job go together
+        key = ("job", root["job"]) if root["job"] else ("run", root["run_id"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in sorted(groups.values(), key=lambda g: min(x["_start"] for x in g)):
+        out += sorted(members, key=lambda x: (x["attempt"], x["_start"]))
+    for r in out:
+        del r["_start"]
+    return out
 
 
 def _add_ls(sub):
     p = sub.add_parser("ls", help="list the runs in a directory",
                        description="List the runs under DIR (an output directory): run id, "
-                       "start, status, nodes, ranks, records, program.")
+                       "start, status, how it ended (and why, where the scheduler says), "
+                       "job id and attempt, nodes, ranks, records, program.  The attempts "
+                       "of a requeued job are listed together, oldest first.")
     p.add_argument("dir", metavar="DIR", help="an output directory of runs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_ls)

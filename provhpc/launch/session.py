@@ -55,6 +55,7 @@ class Session:
         self.closed = False
         self.ready = ""  # this node's rendezvous ready file ("" for a tcp connection)
         self.nodes = [ident.node]  # every node expected to leave a partition
+        self.previous_attempt = ""  # rank 0: the run id of this job's attempt before a requeue
 
 
 _session: Session | None = None
@@ -483,11 +484,54 @@ def run_meta(ident, cfg, argv=None) -> dict:
     return {"provhpc": __version__, "python": sys.version.split()[0],
             "numpy": numpy.__version__, "pyzmq": zmq.__version__, "launcher": ident.launcher,
             "job_id": ident.job_id, "step_id": ident.step_id, "world_size": ident.size,
+            "scheduler": scheduler_of(os.environ), "restart_count": restart_count(),
             "user": _user(), "argv": _environment.redact_argv(argv or sys.argv),
             "cwd": os.getcwd(),
             # only the writers of meta (node leaders, rank 0) pay for git and package look-ups
             "environment": _environment.collect(argv or sys.argv)
             if ident.is_leader or ident.rank == 0 else {}}
+
+
+def scheduler_of(env) -> str:
+    """The batch system whose job this is (``slurm``, ``pbs``, ``lsf``), or ''."""
+    for var, name in (("SLURM_JOB_ID", "slurm"), ("PBS_JOBID", "pbs"), ("LSB_JOBID", "lsf")):
+        if env.get(var):
+            return name
+    return ""
+
+
+def restart_count() -> int:
+    """How many times the scheduler (``SLURM_RESTART_COUNT``) or torchrun restarted this job."""
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return 0
+
+
+def find_previous_attempt(out: str, run_id: str, job_id: str, attempt: int) -> str:
+    """The run id of the latest earlier attempt of job ``job_id`` in ``out`` (a requeued
+    SLURM job keeps its job id and counts its restarts), or ''."""
+    if attempt <= 0 or not job_id:
+        return ""
+    best: tuple = ()
+    try:
+        names = os.listdir(out)
+    except OSError:
+        return ""
+    for name in names:
+        if name == run_id or name == "latest":
+            continue
+        try:
+            with open(os.path.join(out, name, "manifest.json")) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        meta = doc.get("meta") or {}
+        n = meta.get("restart_count") or 0
+        if str(meta.get("job_id")) == str(job_id) and isinstance(n, int) and n < attempt:
+            best = max(best, (n, doc.get("start") or 0, name))
+    return best[2] if best else ""
 
 
 def _user() -> str:
@@ -571,6 +615,8 @@ def init(out=None, run_id=None, comm=None, argv=None, program=None, use_mpi=True
     _session.nodes = nodes
     _session.ready = ready
     if ident.rank == 0:
+        _session.previous_attempt = find_previous_attempt(
+            os.path.abspath(cfg.out), rid, ident.job_id, meta["restart_count"])
         _write_manifest(_session, meta, start=True)
     api.CURRENT.set(0)  # the run is the root, whatever an earlier session left open
     program = program or {"mode": "script" if sys.argv and sys.argv[0].endswith(".py")
@@ -583,6 +629,8 @@ def init(out=None, run_id=None, comm=None, argv=None, program=None, use_mpi=True
     act.attributes(rank=ident.rank, node=ident.node, host=ident.host, launcher=ident.launcher,
                    job_id=ident.job_id, local_rank=ident.local_rank, world_size=ident.size,
                    gpu=ident.gpu, pid=os.getpid(), **program)
+    if _session.previous_attempt:
+        act.attributes(previous_attempt=_session.previous_attempt)
     _export_attach(_session)
     atexit.register(shutdown)
     return _session
@@ -691,6 +739,18 @@ def shutdown(status: str = "ok", exit_code: int = 0, error: BaseException | None
     return ok
 
 
+def _scheduler_verdict(s: Session, status: str) -> dict | None:
+    """What SLURM says of a job whose rank 0 was stopped by a signal: a time limit and a
+    requeue are known already, ``scancel`` and preemption only once the job is gone
+    (``final`` False: the readers ask again)."""
+    meta_sched = scheduler_of(os.environ)
+    if status != "terminated" or meta_sched != "slurm" or not s.ident.job_id:
+        return None
+    from ..node.scheduler import verdict
+
+    return verdict(s.ident.job_id, restart_count(), timeout=2.0)  # within KillWait
+
+
 def current() -> Session | None:
     return _session
 
@@ -707,9 +767,14 @@ def _write_manifest(s: Session, meta, start: bool, status="running", exit_code=N
                    "nodes": s.nodes,
                    "config": s.cfg.to_dict(), "config_sources": s.cfg.sources,
                    "identity": s.ident.to_dict(), "start": time.time_ns()}
+            if s.previous_attempt:
+                doc["previous_attempt"] = s.previous_attempt
         doc.update({"status": status, "exit_code": exit_code})
         if not start:
             doc["end"] = time.time_ns()
+            said = _scheduler_verdict(s, status)
+            if said:
+                doc["scheduler"] = said
         tmp = path + ".tmp"
         fmode = run_modes(s.cfg.group_readable)[0]
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, fmode), "w") as fh:

@@ -30,7 +30,8 @@ def to_prov(source, lineage=None):
     """A ``prov.model.ProvDocument`` of a run, a collection, or (``lineage``) a subgraph."""
     runs = getattr(source, "runs", None) or (source if isinstance(source, list) else [source])
     g = graph(runs[0] if len(runs) == 1 else _Runs(runs))
-    return document(runs, g, lineage)
+    # an attempt of a requeued job comes with the attempts before it (its graph has them)
+    return document(getattr(g, "runs_for_export", None) or runs, g, lineage)
 
 
 def to_parquet(source, directory: str) -> list[str]:

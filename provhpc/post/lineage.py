@@ -107,9 +107,9 @@ class Graph:
             act.append(t)
             ent_rows.append((e, ident))
             n_act += len(t)
-        self._build(act, ent_rows, rel, n_act)
+        self._build(act, ent_rows, rel, n_act, _attempt_links(runs, act))
 
-    def _build(self, act, ent_rows, rel, n_act):
+    def _build(self, act, ent_rows, rel, n_act, informed=()):
         t = np.concatenate(act) if act else np.zeros(0, NODE_DTYPE)
         e = np.concatenate([x[0] for x in ent_rows]) if ent_rows else None
         ident = np.concatenate([x[1] for x in ent_rows]) if ent_rows else np.zeros(0, object)
@@ -165,6 +165,14 @@ class Graph:
                                     axis=0, return_index=True)
             edges = edges[np.sort(keep)]
         rev = revisions(nodes) if len(uniq) else []
+        if len(informed):  # an attempt after a requeue: its run activities by the last one's
+            extra = np.zeros(len(informed), EDGE_DTYPE)
+            extra["src"] = [a for a, _ in informed]
+            extra["dst"] = [b for _, b in informed]
+            extra["relation"] = R.WAS_INFORMED_BY
+            extra["run"], extra["rank"] = nodes["run"][extra["src"]], nodes["rank"][extra["src"]]
+            extra["t"] = nodes["start"][extra["src"]]
+            edges = np.concatenate([edges, extra])
         if rev:  # a path rewritten between its records: each version a revision of the last
             extra = np.zeros(len(rev), EDGE_DTYPE)
             extra["src"] = [a for a, _ in rev]
@@ -365,6 +373,23 @@ def fingerprints(run, e: np.ndarray) -> np.ndarray:
     return out
 
 
+def _attempt_links(runs, act) -> list[tuple[int, int]]:
+    """(run activity of a requeued job's attempt, run activity of rank 0 of the attempt
+    before it) for every rank, where both attempts are among ``runs``: wasInformedBy."""
+    first: dict[str, int] = {}  # run id -> node of its rank-0 run activity
+    per_run: dict[str, list[int]] = {}
+    base = 0
+    for run, t in zip(runs, act):
+        idx = np.flatnonzero(t["type"] == "run")
+        per_run[run.run_id] = (base + idx).tolist()
+        zero = idx[t["rank"][idx] == 0]
+        if len(zero):
+            first[run.run_id] = base + int(zero[0])
+        base += len(t)
+    return [(a, first[run.previous_attempt]) for run in runs
+            if getattr(run, "previous_attempt", "") in first for a in per_run[run.run_id]]
+
+
 def revisions(nodes: np.ndarray) -> list[tuple[int, int]]:
     """(newer, older) node pairs: one path seen with different content (hash or
     fingerprint) is a sequence of versions, each a revision of the one before it."""
@@ -539,6 +564,10 @@ def graph(run_or_collection) -> Graph:
     if cache is not None and "graph" in cache:
         return cache["graph"]
     runs = getattr(run_or_collection, "runs", None) or [run_or_collection]
+    if len(runs) == 1 and hasattr(runs[0], "attempts"):
+        # a requeued job's attempt: what the attempts before it wrote (its checkpoint)
+        # belongs to its lineage
+        runs = runs[0].attempts() + runs
     if len(runs) == 1 and getattr(runs[0], "index", None) is not None:
         g = Graph.from_index(runs[0])
     else:

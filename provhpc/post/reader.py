@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LIVE_WINDOW_S", "SAME_CHECK_NS", "SCHEMA_VERSIONS", "Collection", "Partition",
-    "PartitionError", "Run", "is_run_dir", "open_path", "summary"
+    "PartitionError", "Run", "is_run_dir", "open_path", "record_end", "summary"
 ]
 
 
@@ -388,7 +388,64 @@ class Run(_Tables):
         traceback), ``terminated`` (a rank got SIGTERM/SIGINT), ``killed`` (ranks died
         without a goodbye while their aggregator ran: ``ranks`` in the order their
         aggregator saw them go, ``first``), or ``lost`` (no process left and nobody wrote
-        an end: the whole job, aggregators too, was killed, or its node died)."""
+        an end: the whole job, aggregators too, was killed, or its node died).
+
+        A job of a batch scheduler that did not complete also carries ``scheduler``: what
+        SLURM says of it (``node.scheduler.verdict``), and ``cause``, its word for why:
+        ``timeout``, ``cancelled``, ``preempted``, ``requeued``, ``node_fail``… (``None``
+        where it cannot tell)."""
+        out = self._end_from_ranks()
+        if out["state"] not in ("running", "completed"):
+            said = self.scheduler()
+            if said is not None:
+                out["scheduler"], out["cause"] = said, said.get("verdict")
+        return out
+
+    def scheduler(self) -> dict | None:
+        """What the batch scheduler says of this run's job, or None (not a SLURM job, or
+        SLURM forgot it).  A final verdict stored in the manifest (by rank 0, ``recover``
+        or the SLURM epilog) is used as it is; otherwise SLURM is asked, once per Run."""
+        stored = self.manifest.get("scheduler")
+        if isinstance(stored, dict) and stored.get("final"):
+            return stored
+        if "scheduler" not in self._cache:
+            meta = self.manifest.get("meta") or {}
+            asked = None
+            if meta.get("job_id") and (meta.get("scheduler") == "slurm"
+                                       or meta.get("launcher") == "srun"):
+                from ..node.scheduler import verdict
+
+                asked = verdict(str(meta["job_id"]), int(meta.get("restart_count") or 0))
+            self._cache["scheduler"] = asked or stored or None
+        return self._cache["scheduler"]
+
+    @property
+    def attempt(self) -> int:
+        """Which attempt of its job this run is: 0 first, N after the N-th requeue."""
+        n = (self.manifest.get("meta") or {}).get("restart_count") or 0
+        return n if isinstance(n, int) else 0
+
+    @property
+    def previous_attempt(self) -> str:
+        """The run id of the attempt of this job before a requeue or restart, or ''."""
+        return str(self.manifest.get("previous_attempt") or "")
+
+    def attempts(self) -> list[Run]:
+        """The earlier attempts of this run's job found beside it, oldest first (a missing
+        one ends the chain), this run not included."""
+        chain: list[Run] = []
+        seen, prev = {self.run_id}, self.previous_attempt
+        while prev and prev not in seen:
+            seen.add(prev)
+            path = os.path.join(os.path.dirname(self.path), prev)
+            if not is_run_dir(path):
+                break
+            run = Run(path)
+            chain.insert(0, run)
+            prev = run.previous_attempt
+        return chain
+
+    def _end_from_ranks(self) -> dict:
         if self.status == "running":
             return {"state": "running"}
         ranks = [r for r in self.ranks() if r["role"] == "rank"]
@@ -700,6 +757,36 @@ def _drop_reasons(drops) -> dict:
     return reasons
 
 
+def record_end(run: Run) -> dict:
+    """Write how ``run`` ended into its manifest (``ended``; ``scheduler`` where SLURM's
+    verdict is final; ``status`` where the manifest still said running) and return it.
+    Nothing is written for a run still running.  ``provhpc recover`` and the SLURM epilog
+    (``jobs/slurm-epilog.sh``) call it once the job is gone."""
+    end = run.end()
+    if end["state"] == "running":
+        return end
+    path = os.path.join(run.path, "manifest.json")
+    doc = dict(run.manifest)
+    doc["ended"] = end
+    if end.get("scheduler") and not (doc.get("scheduler") or {}).get("final"):
+        doc["scheduler"] = end["scheduler"]  # not final: the readers ask SLURM again
+    if doc.get("status") in (None, "running"):
+        doc["status"], doc["status_by"] = run.status, "provhpc recover (read from the ranks)"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1, default=str)
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    run.__dict__.pop("manifest", None)  # cached_property: read the new one
+    return end
+
+
 def is_run_dir(path: str) -> bool:
     try:
         names = os.listdir(path)
@@ -881,6 +968,7 @@ def _combine(run, parts: list) -> dict:
         "counters": counters,
         "duration_s": (max(t1s) - min(t0s)) / 1e9 if t0s else 0.0,
         "status": run.status, "status_note": run.status_note, "end": run.end(),
+        "attempt": run.attempt, "previous_attempt": run.previous_attempt,
         "code": run.code(),
         "environment": {k: v for k, v in run.environment().items() if k != "env"},
     }

@@ -142,6 +142,8 @@ def text(s: dict) -> str:
     """The snapshot as plain text (the view without ``rich``)."""
     p = s["progress"]
     state = s.get("end", {}).get("state", "")
+    if s.get("end", {}).get("cause"):
+        state += f" ({s['end']['cause']})"
     head = (f"run {s['run']}  status {s['status']}{' (live)' if s['live'] else ''}"
             f"{'  ended ' + state if state and state != 'running' else ''}  "
             f"ranks {p['ranks']}  epochs {p['epoch_min']}..{p['epoch_max']}  "
