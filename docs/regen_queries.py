@@ -6,7 +6,7 @@
 It makes the runs the page describes in a fresh work directory (default /tmp/demo:
 three ``examples/train_mlp.py`` runs under ``mpiexec -n 4``, the lr 0.2 one second and
 the third with rank 2 raising; ``examples/multi_workflow.py``; a two-node run with one
-partition cut short), then runs every ``$ command`` of every ``console`` block there
+partition cut short; ``ends/``, one small job per end state, ended by real signals), then runs every ``$ command`` of every ``console`` block there
 with bash and every ``python`` block in one namespace, and replaces what follows each
 (a ``text`` block after a ``python`` block) with what it printed.  Run ids of the old
 page are replaced by the new ones wherever they appear.  Outputs longer than
@@ -66,11 +66,54 @@ def make_runs(work: str, e: dict) -> dict:
     # a two-node run (one rank per node) whose node-b partition is cut to 3000 bytes
     sh("python -c \"from _post_runs import build_run; build_run('.', 'run-1')\" && "
        "truncate -s 3000 run-1/node-b.h5", work, e)
+    end_runs(work, e)
     runs = sorted(d for d in os.listdir(os.path.join(work, "provenance")) if RUN_ID.match(d))
     return {"RUN": f"provenance/{runs[0]}", "LR2": f"provenance/{runs[1]}",
             "FAILED": f"provenance/{runs[2]}", "ids": runs,
             "mw": sorted(d for d in os.listdir(os.path.join(work, "provenance-mw"))
                          if RUN_ID.match(d))}
+
+
+def end_runs(work: str, e: dict) -> None:
+    """ends/<state>: one ``mpiexec -n 2`` job per end state, ended the way it names (the
+    program of tests/test_end_states.py; terminated: SIGTERM to mpiexec; lost: SIGKILL
+    to the aggregator and every process of the job)."""
+    import signal
+    import time
+
+    import h5py
+    from test_end_states import PROG
+
+    prog = os.path.join(work, "ends.py")
+    with open(prog, "w") as fh:
+        fh.write(PROG)
+    for how in ("completed", "failed", "killed", "terminated", "lost"):
+        mode = "lost" if how in ("terminated", "lost") else how  # both wait to be stopped
+        ee = {**e, "PROVHPC_RUN_ID": how, "PROVHPC_FLUSH_INTERVAL": "0.2"}
+        cmd = ["mpiexec", "-n", "2", "provhpc", "run", "-o", "ends", "--", "python", prog,
+               mode, os.path.join(work, f"mark-{how}")]
+        p = subprocess.Popen(cmd, cwd=work, env=ee, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if mode != "lost":
+            p.wait(120)
+            continue
+        deadline = time.monotonic() + 60
+        while not all(os.path.exists(os.path.join(work, f"mark-{how}.{r}")) for r in (0, 1)):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"regen: the {how} job did not start")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        if how == "terminated":
+            p.send_signal(signal.SIGTERM)  # mpiexec passes it to the ranks
+            p.wait(60)
+            continue
+        (part,) = [f for f in os.listdir(os.path.join(work, "ends", how)) if f.endswith(".h5")]
+        with h5py.File(os.path.join(work, "ends", how, part), "r", swmr=True,
+                       locking=False) as f:
+            agg = int(f.attrs["writer_pid"])
+        os.kill(agg, signal.SIGKILL)
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)
 
 
 def old_ids(text: str) -> tuple[list[str], list[str]]:

@@ -65,3 +65,25 @@ def test_compare_cli(two, capsys):
     assert "2 difference(s)" in text and "*  lr" in text and "(changed)" in text
     assert main(["compare", str(two / "run-1")]) == 2
     assert "needs two runs or more" in capsys.readouterr().err
+
+
+def test_an_unhashed_input_is_compared_by_its_fingerprint(tmp_path):
+    """No hash asked for: the input is the same while its path, size and mtime are, and
+    changed once the file is rewritten."""
+    import numpy as np
+
+    import provhpc
+
+    data, other = tmp_path / "in.npy", tmp_path / "kept.npy"
+    np.save(other, np.zeros(3))
+    for i, run_id in enumerate(("a", "b")):
+        np.save(data, np.arange(3 + i))  # rewritten (another size) before run b
+        with capture(tmp_path / "prov", run_id=run_id):
+            with provhpc.task("read"):
+                provhpc.used(provhpc.data(str(data)), provhpc.data(str(other)))
+    with open_path(str(tmp_path / "prov")) as coll:
+        rows = {r["key"]: r for r in compare(coll.runs, everything=True)["sections"]["inputs"]}
+    changed, kept = rows[f"data {data}"], rows[f"data {other}"]
+    assert changed["vs_first"] == ["", "changed"] and changed["differs"], changed
+    assert kept["vs_first"] == ["", "same"] and not kept["differs"], kept
+    assert "size" in kept["values"][0] and "(key only)" not in kept["values"][0]

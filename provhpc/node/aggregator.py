@@ -263,7 +263,7 @@ class Aggregator:
             now = time.monotonic()
             if now - last_check >= self.cfg.heartbeat:
                 last_check = now
-                self._check_liveness()
+                self._check_liveness(lambda: self._drain(poller, socks))
             if now - last_beat >= BEAT_S:
                 last_beat = now
                 self._beat()
@@ -694,16 +694,41 @@ class Aggregator:
                      pid, rank)
             self._salvage(s, "killed")
 
-    def _check_liveness(self) -> None:
+    def _drain(self, poller, socks, wait_ms: int = 100) -> None:
+        """Handle what the sockets hold now, waiting up to ``wait_ms`` for the first frame:
+        a rank's goodbye sent just before it exited may not have been read yet."""
+        for _ in range(100):
+            events = dict(poller.poll(wait_ms))
+            wait_ms = 0
+            got = False
+            for s in socks:
+                if not events.get(getattr(s, "sock", s)):
+                    continue
+                for _ in range(1000):
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    got = True
+                    self._handle(s, frames)
+            self._commit()
+            if not got:
+                return
+
+    def _check_liveness(self, drain=None) -> None:
         self._sweep_orphans()
         now = time.monotonic()
+        dead = [s for s in self.streams.values()
+                if not s.closed and s.mode == "shm" and not pid_alive(s.pid)]
+        if dead and drain is not None:
+            drain()  # its goodbye may be in flight: a rank that said it is not killed
+        for s in dead:
+            if not s.closed:
+                self._salvage(s, "killed")
         for s in list(self.streams.values()):
-            if s.closed:
+            if s.closed or s.mode == "shm":
                 continue
-            if s.mode == "shm":
-                if not pid_alive(s.pid):
-                    self._salvage(s, "killed")
-            elif now - s.last_seen > max(10.0, 20 * self.cfg.heartbeat):
+            if now - s.last_seen > max(10.0, 20 * self.cfg.heartbeat):
                 self._close_stream(s, "lost", -1, time.time_ns(), -1, {})
 
     def _salvage(self, s: Stream, status: str) -> None:

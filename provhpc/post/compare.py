@@ -6,7 +6,8 @@ Sections, each a list of ``{"key", "values": [one per run], "differs"}`` rows:
 * ``code``: script, git commit, branch, dirty state and the changed files;
 * ``environment``: Python and package versions;
 * ``launch``: launcher, nodes and ranks;
-* ``inputs``: each input by key, with its identity (path and content hash) per run, and
+* ``inputs``: each input by key, with its identity (content hash, else absolute path, size
+  and mtime) per run, and
   ``same``, ``changed`` or ``new`` against the first run;
 * ``end``: how each run ended;
 * ``stages``: wall time per stage (the slowest rank, stages of one name summed);
@@ -71,10 +72,18 @@ def _launch(run) -> dict:
 
 def _inputs(run) -> dict:
     inputs, _ = io_entities(run)
-    # the key names the file; its content hash (or a URI-like id) is what can change
-    return {f"{i['kind']} {i['key']}": i["hash"] or (i["identity"] if i["identity"]
-                                                     .startswith("id:") else "(key only)")
+    # the key names the file; its identity is what can change: the content hash, else
+    # the absolute path with size and mtime (file:PATH@SIZE:MTIME_NS), else a URI-like id
+    return {f"{i['kind']} {i['key']}": i["hash"] or _fingerprint(i["identity"])
             for i in inputs}
+
+
+def _fingerprint(identity: str) -> str:
+    if identity.startswith("file:") and "@" in identity:
+        path, _, fp = identity[5:].rpartition("@")
+        size, _, mtime = fp.partition(":")
+        return f"{path} size {size} mtime_ns {mtime}"
+    return identity if identity.startswith("id:") else "(key only)"
 
 
 def _stages(run) -> dict:
