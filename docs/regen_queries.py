@@ -238,7 +238,8 @@ def main() -> int:
     v = make_runs(args.work, e)
     for a, b in list(zip(old, v["ids"])) + list(zip(old_mw, v["mw"])):
         text = text.replace(a, b)
-    e.update({"RUN": v["RUN"], "LR2": v["LR2"], "FAILED": v["FAILED"]})
+    e.update({"RUN": v["RUN"], "LR2": v["LR2"], "FAILED": v["FAILED"],
+              "TRAIN": os.path.join(ROOT, "examples", "train_mlp.py")})
     os.environ.update({"RUN": v["RUN"], "FAILED": v["FAILED"]})
     text, failures = regen(text, args.work, e, v)
     with open(args.page, "w") as fh:
