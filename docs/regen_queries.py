@@ -82,6 +82,8 @@ def end_runs(work: str, e: dict) -> None:
     import time
 
     import h5py
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_end_states import PROG
 
     prog = os.path.join(work, "ends.py")
