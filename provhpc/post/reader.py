@@ -364,7 +364,8 @@ class Run(_Tables):
         """How the run ended: the manifest's final status (``ok``, ``error``, ``killed``…),
         ``running`` only while an aggregator still writes it.  A manifest left at
         ``running`` by a job whose processes are gone (rank 0 killed before it wrote the
-        end) reads from its ranks: ``error`` if one raised, else ``killed`` if one died
+        end) reads from its ranks: ``error`` if one raised, else ``terminated`` if one got
+        SIGTERM/SIGINT, else ``killed`` if one died
         while its aggregator ran, else ``lost`` if no one wrote an end (the aggregators died
         too), else ``ended`` (no final status was written).  ``end()`` says more."""
         status = self.manifest.get("status")
@@ -373,6 +374,8 @@ class Run(_Tables):
         ranks = [r["status"] for r in self.ranks() if r["role"] == "rank"]
         if "error" in ranks:
             return "error"
+        if "terminated" in ranks:
+            return "terminated"
         if "killed" in ranks:
             return "killed"
         if any(r in ("lost", "running", "salvaged") for r in ranks):
