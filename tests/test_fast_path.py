@@ -39,6 +39,21 @@ def walk():
             with provhpc.epoch(i):
                 with provhpc.task("step", lr=0.1) as t:
                     t.generated(loss=1.0 / (i + 1), big=2**70, arr=[1, 2], none=None)
+                    # metric: the first use of a name (Python), then C; and every case C
+                    # hands back: an int or a string value, a float or a huge step, keywords
+                    provhpc.metric("loss", 1.0 / (i + 1), i)
+                    provhpc.metric("loss", 0.5)
+                    provhpc.metric("loss", 0.25, None)
+                    provhpc.metric("acc", i)
+                    provhpc.metric("acc", "n/a")
+                    provhpc.metric("loss", 0.1, step=i)
+                    provhpc.metric(name="loss", value=0.1)
+                    provhpc.metric("loss", 0.2, 1.5)
+                    provhpc.metric("loss", 0.3, 2**70)
+                    provhpc.metric("loss", 0.3, -2**63)
+                    provhpc.metric("loss", float("nan"), True)
+            provhpc.metric("loss", 0.7, i)  # in the stage
+    provhpc.metric("loss", 0.9, 0)  # in the run
     try:
         with provhpc.task("fails", a=1):
             raise KeyError("boom")
@@ -105,14 +120,17 @@ def walk():
     def in_thread():
         with provhpc.task("preprocess", a=1) as t:
             t.generated(y=1)
+            provhpc.metric("loss", 0.4, 3)
     th = threading.Thread(target=in_thread)
     th.start(); th.join()
     for i in range(200):  # fills slots: some calls find no room and take the Python path
         with provhpc.task("preprocess", a=i, b=2.0, c="x", flag=True) as t:
             t.generated(y=i, z=2.0, label="x", ok=False)
+            provhpc.metric("loss", float(i), i)
     agent = api.set_agent(None)  # capture off: no-ops
     with provhpc.task("off", a=1) as t:
         t.generated(y=1)
+        provhpc.metric("loss", 1.0, 1)
     api.set_agent(agent)
 
 with capture(sys.argv[1], run_id="fast-" + sys.argv[2], slot_records=64, slots=64,

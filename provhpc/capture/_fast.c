@@ -34,7 +34,7 @@ typedef struct {
 
 static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
-    *s_parent;
+    *s_parent, *s_h_metric, *s_metric_py, *s_step_kw;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -66,7 +66,7 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
  * reference, so a new agent is never mistaken for a freed one at the same address). */
 typedef struct {
     PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
-    uint64_t h_start, h_end, h_attr[5];
+    uint64_t h_start, h_end, h_metric, h_attr[5];
     unsigned long owner;
     int has_owner;
 } state_t;
@@ -96,6 +96,7 @@ static state_t *state_of(PyObject *agent) {
     }
     if (get_u64(agent, s_h_start, &st.h_start) < 0) goto fail;
     if (get_u64(agent, s_h_end, &st.h_end) < 0) goto fail;
+    if (get_u64(agent, s_h_metric, &st.h_metric) < 0) goto fail;
     if ((h = PyObject_GetAttr(agent, s_h_attr)) == NULL) goto fail;
     if (!PyList_CheckExact(h) || PyList_GET_SIZE(h) < 5) {
         PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.h_attr");
@@ -863,6 +864,65 @@ static PyObject *fast_decorate(PyObject *module, PyObject *const *args, Py_ssize
 }
 
 /* bind(api_globals, current) */
+/* metric(name, value, step=None): the common case in C -- capture on, the owner thread,
+ * a float value, no step or an int step within int64 (not NO_STEP), an interned name, room
+ * in the slot -- writes the one METRIC record the Python path writes (api.metric: header
+ * h_metric, id the current activity, t time.time_ns(), the name's id, step, fval).
+ * Everything else (capture off, a value or step to coerce or to count as bad, a name not
+ * interned yet, keywords, another thread, a full slot) is api._metric_py's. */
+static PyObject *fast_metric(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    PyObject *agent, *cur = NULL, *step_obj = NULL;
+    int64_t step = NO_STEP;
+    if (api_globals == NULL) goto slow;
+    if (kwnames == NULL) {  /* metric(name, value[, step]) */
+        if (nargs < 2 || nargs > 3) goto slow;
+        if (nargs == 3) step_obj = args[2];
+    } else {  /* metric(name, value, step=...): the one keyword the fast path reads */
+        if (nargs != 2 || PyTuple_GET_SIZE(kwnames) != 1) goto slow;
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, 0);
+        if (kw != s_step_kw && PyUnicode_Compare(kw, s_step_kw) != 0) goto slow;
+        step_obj = args[2];
+    }
+    if ((agent = api_agent()) == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        goto slow;
+    }
+    if (!PyFloat_CheckExact(args[1])) goto slow;
+    if (step_obj != NULL && step_obj != Py_None) {
+        if (!PyLong_CheckExact(step_obj)) goto slow;
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(step_obj, &overflow);
+        if (overflow || v == NO_STEP) goto slow;
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        step = v;
+    }
+    state_t *st = state_of(agent);
+    if (st == NULL) return NULL;
+    long long off;
+    int r = room(agent, st, 1, &off);
+    if (r < 0) return NULL;
+    if (r == 0) goto slow;
+    uint32_t nid;
+    if ((r = string_id(st->strings, args[0], &nid)) < 0) return NULL;
+    if (r == 0) goto slow;
+    if (PyContextVar_Get(current_var, NULL, &cur) < 0) return NULL;
+    uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
+    Py_XDECREF(cur);
+    if (act == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    record_t rec = {st->h_metric, act, 0, now_ns(), nid, 0, step, 0, PyFloat_AS_DOUBLE(args[1])};
+    if (commit(agent, st, off, &rec, 1) < 0) return NULL;
+    Py_RETURN_NONE;
+slow:;
+    PyObject *py = api_globals ? PyDict_GetItemWithError(api_globals, s_metric_py) : NULL;
+    if (py == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: api._metric_py unset");
+        return NULL;
+    }
+    return PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+}
+
 static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyDict_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "bind(api_globals, current)");
@@ -883,6 +943,12 @@ static PyMethodDef methods[] = {
      "decorate(fn, cls, kind, name, index, inputs, argnames, record_args, count_index)"},
     {"factory", (PyCFunction)(void (*)(void))fast_factory, METH_FASTCALL,
      "factory(cls, kind, slow, doc): a fast callable for cls(kind, name, ...)"},
+    {"metric", (PyCFunction)(void (*)(void))fast_metric, METH_FASTCALL | METH_KEYWORDS,
+     "metric(name, value, step=None)\n--\n\n"
+     "One point of a metric series, attached to the current activity.\n\n"
+     "A value that is not a number or a step that is not an integer is data, not misuse: the\n"
+     "point is dropped and counted as ``bad_value`` (docs/format.md, \"Values\"), never raised.\n"
+     "(The common case is written in C, provhpc/capture/_fast.c; the rest in Python.)"},
     {"bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
      "bind(api_globals, current): where ActivityBase finds the agent and the current activity"},
     {NULL, NULL, 0, NULL},
@@ -913,7 +979,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_h_start, "h_start"); INTERN(s_h_end, "h_end"); INTERN(s_next_id, "next_id");
     INTERN(s_open_activities, "open_activities"); INTERN(s_name, "name");
     INTERN(s_kind, "kind"); INTERN(s_index, "index"); INTERN(s_params, "params");
-    INTERN(s_id, "id"); INTERN(s_parent, "parent");
+    INTERN(s_id, "id"); INTERN(s_parent, "parent"); INTERN(s_h_metric, "h_metric");
+    INTERN(s_metric_py, "_metric_py"); INTERN(s_step_kw, "step");
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;

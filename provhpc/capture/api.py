@@ -718,6 +718,9 @@ task = _activity_factory("task")
 task.__doc__ = """An activity: ``with task(name, used=[...], **params) as t`` or ``@task``."""
 if _fast is not None:  # task("name", ...) built in C; everything else through make()
     task = _fast.factory(Activity, "task", task, task.__doc__)
+_metric_py = metric  # the Python path: every case the C one does not take
+if _fast is not None:  # the common metric point (capture on, float, interned name) in C
+    metric = _fast.metric
 
 
 def stage(kind: Any = "stage", used: Any = None, **params: Any) -> Any:
