@@ -22,6 +22,7 @@ from provhpc.post.reader import Run
 
 PROGRAM = r'''
 import json, os, sys, threading
+import numpy as np
 if sys.argv[2] == "python":
     sys.modules["provhpc.capture._fast"] = None
 import provhpc
@@ -53,6 +54,20 @@ def walk():
                     provhpc.metric("loss", 0.3, -2**63)
                     provhpc.metric("loss", float("nan"), True)
             provhpc.metric("loss", 0.7, i)  # in the stage
+        with provhpc.stage("validate", used=[raw], split="val"):  # stage and epoch in C,
+            with provhpc.epoch(i, lr=0.1):                       # and what C hands back
+                pass
+            with provhpc.epoch(np.int64(i)):
+                pass
+            with provhpc.epoch():
+                pass
+        for bad in (lambda: provhpc.epoch(True), lambda: provhpc.epoch(2**70),
+                    lambda: provhpc.epoch(-2**63), lambda: provhpc.stage(""),
+                    lambda: provhpc.stage("x", kind="y")):
+            try:
+                bad()
+            except (ValueError, TypeError):
+                pass
     provhpc.metric("loss", 0.9, 0)  # in the run
     try:
         with provhpc.task("fails", a=1):

@@ -543,21 +543,37 @@ typedef struct {
     PyObject_HEAD
     PyObject *cls, *kind, *slow, *doc;
     vectorcallfunc vectorcall;
+    char by_index;  /* epoch(i): the argument is the index, the name is the kind */
 } Factory;
 
 static PyObject *no_step;  /* NO_STEP as an int object */
-static PyObject *s_used, *s_name_kw;
+static PyObject *s_used, *s_name_kw, *s_i_kw;
 
 static PyObject *factory_vectorcall(Factory *self, PyObject *const *args, size_t nargsf,
                                     PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nargs != 1 || !PyUnicode_CheckExact(args[0]) || PyUnicode_GET_LENGTH(args[0]) == 0)
+    PyObject *name = args[0], *index = no_step;
+    if (nargs != 1)
         return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+    if (self->by_index) {  /* epoch(i): an int within int64, NO_STEP excluded */
+        if (!PyLong_CheckExact(args[0]))
+            return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(args[0], &overflow);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (overflow || v == NO_STEP)
+            return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+        name = self->kind;
+        index = args[0];
+    } else if (!PyUnicode_CheckExact(args[0]) || PyUnicode_GET_LENGTH(args[0]) == 0) {
+        return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+    }
     PyObject *used = Py_None, *params = Py_None;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_Compare(key, s_name_kw) == 0) {  /* name twice: let Python say so */
+        if (PyUnicode_Compare(key, s_name_kw) == 0 || PyUnicode_Compare(key, s_kind) == 0 ||
+            PyUnicode_Compare(key, s_i_kw) == 0) {  /* the first argument twice: Python says so */
             if (params != Py_None) Py_DECREF(params);
             return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
         }
@@ -577,10 +593,10 @@ static PyObject *factory_vectorcall(Factory *self, PyObject *const *args, size_t
         if (params != Py_None) Py_DECREF(params);
         return NULL;
     }
-    Py_INCREF(self->kind); Py_INCREF(args[0]); Py_INCREF(no_step); Py_INCREF(used);
+    Py_INCREF(self->kind); Py_INCREF(name); Py_INCREF(index); Py_INCREF(used);
     if (params == Py_None) Py_INCREF(params);
     Py_INCREF(zero); Py_INCREF(zero); Py_INCREF(Py_None);
-    act->kind = self->kind; act->name = args[0]; act->index = no_step; act->inputs = used;
+    act->kind = self->kind; act->name = name; act->index = index; act->inputs = used;
     act->params = params; act->id = zero; act->parent = zero; act->token = Py_None;
     return (PyObject *)act;
 }
@@ -641,16 +657,19 @@ static PyTypeObject FactoryType = {
 
 /* factory(cls, kind, slow, doc): ``cls`` must be a subclass of ActivityBase. */
 static PyObject *fast_factory(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyType_Check(args[0]) ||
+    if ((nargs != 4 && nargs != 5) || !PyType_Check(args[0]) ||
         !PyType_IsSubtype((PyTypeObject *)args[0], &ActivityType) ||
         !PyUnicode_CheckExact(args[1]) || !PyCallable_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "factory(cls, kind, slow, doc)");
+        PyErr_SetString(PyExc_TypeError, "factory(cls, kind, slow, doc, by_index=False)");
         return NULL;
     }
+    int by_index = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (by_index < 0) return NULL;
     Factory *f = PyObject_GC_New(Factory, &FactoryType);
     if (f == NULL) return NULL;
     for (int i = 0; i < 4; i++) Py_INCREF(args[i]);
     f->cls = args[0]; f->kind = args[1]; f->slow = args[2]; f->doc = args[3];
+    f->by_index = (char)by_index;
     f->vectorcall = (vectorcallfunc)factory_vectorcall;
     PyObject_GC_Track(f);
     return (PyObject *)f;
@@ -942,7 +961,8 @@ static PyMethodDef methods[] = {
     {"decorate", (PyCFunction)(void (*)(void))fast_decorate, METH_FASTCALL,
      "decorate(fn, cls, kind, name, index, inputs, argnames, record_args, count_index)"},
     {"factory", (PyCFunction)(void (*)(void))fast_factory, METH_FASTCALL,
-     "factory(cls, kind, slow, doc): a fast callable for cls(kind, name, ...)"},
+     "factory(cls, kind, slow, doc, by_index=False): a fast callable for cls(kind, name, "
+     "...), or with by_index for cls(kind, kind, i, ...)"},
     {"metric", (PyCFunction)(void (*)(void))fast_metric, METH_FASTCALL | METH_KEYWORDS,
      "metric(name, value, step=None)\n--\n\n"
      "One point of a metric series, attached to the current activity.\n\n"
@@ -984,7 +1004,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;
-    INTERN(s_used, "used"); INTERN(s_name_kw, "name");
+    INTERN(s_used, "used"); INTERN(s_name_kw, "name"); INTERN(s_i_kw, "i");
     INTERN(s_self, "self"); INTERN(s_cls, "cls"); INTERN(s_record_return, "_record_return");
 #undef INTERN
     if ((empty_tuple = PyTuple_New(0)) == NULL) return NULL;

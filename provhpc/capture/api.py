@@ -744,6 +744,11 @@ def epoch(i: Any = None, used: Any = None, **params: Any) -> Any:
     return Activity("epoch", "epoch", i.__index__(), used, params or None)
 
 
+if _fast is not None:  # stage("name", ...) and epoch(i, ...) built in C, the rest above
+    stage = _fast.factory(Activity, "stage", stage, stage.__doc__)
+    epoch = _fast.factory(Activity, "epoch", epoch, epoch.__doc__, True)
+
+
 # ---------------------------------------------------------------------- fork safety
 def _after_fork_in_child() -> None:
     """A forked child (DataLoader worker) gets its own agent on first use."""
