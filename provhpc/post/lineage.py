@@ -166,21 +166,9 @@ class Graph:
             edges = edges[np.sort(keep)]
         rev = revisions(nodes) if len(uniq) else []
         if len(informed):  # an attempt after a requeue: its run activities by the last one's
-            extra = np.zeros(len(informed), EDGE_DTYPE)
-            extra["src"] = [a for a, _ in informed]
-            extra["dst"] = [b for _, b in informed]
-            extra["relation"] = R.WAS_INFORMED_BY
-            extra["run"], extra["rank"] = nodes["run"][extra["src"]], nodes["rank"][extra["src"]]
-            extra["t"] = nodes["start"][extra["src"]]
-            edges = np.concatenate([edges, extra])
+            edges = np.concatenate([edges, _edges(nodes, informed, R.WAS_INFORMED_BY)])
         if rev:  # a path rewritten between its records: each version a revision of the last
-            extra = np.zeros(len(rev), EDGE_DTYPE)
-            extra["src"] = [a for a, _ in rev]
-            extra["dst"] = [b for _, b in rev]
-            extra["relation"] = R.WAS_REVISION_OF
-            extra["run"], extra["rank"] = nodes["run"][extra["src"]], nodes["rank"][extra["src"]]
-            extra["t"] = nodes["start"][extra["src"]]
-            edges = np.concatenate([edges, extra])
+            edges = np.concatenate([edges, _edges(nodes, rev, R.WAS_REVISION_OF)])
         self._edges, self._stored_edges = as_table(edges), None
         # per direction: (indptr, neighbour node, edge row) sorted by the edge's first node
         self._csr = {"backward": _csr(edges["src"], edges["dst"], n),
@@ -371,6 +359,17 @@ def fingerprints(run, e: np.ndarray) -> np.ndarray:
         if r in size:
             out[r] = f"{size[r]}:{m}"
     return out
+
+
+def _edges(nodes: np.ndarray, pairs, relation: str) -> np.ndarray:
+    """Edges (src, dst) of ``relation`` that the graph adds, stamped like their source."""
+    extra = np.zeros(len(pairs), EDGE_DTYPE)
+    extra["src"] = [a for a, _ in pairs]
+    extra["dst"] = [b for _, b in pairs]
+    extra["relation"] = relation
+    extra["run"], extra["rank"] = nodes["run"][extra["src"]], nodes["rank"][extra["src"]]
+    extra["t"] = nodes["start"][extra["src"]]
+    return extra
 
 
 def _attempt_links(runs, act) -> list[tuple[int, int]]:
