@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -30,3 +31,13 @@ def jobdir(tmp_path):
 
 def run(cmd, env, cwd, timeout=120):
     return subprocess.run(cmd, env=env, cwd=cwd, timeout=timeout, capture_output=True, text=True)
+
+
+def wait(pred, timeout, step=0.5):
+    """True once ``pred()`` holds, polled every ``step`` s; False after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from .conftest import BIN, ROOT, run
+from .conftest import wait as _wait
 
 pytestmark = [
     pytest.mark.slurm,
@@ -82,15 +83,6 @@ def test_sbatch_capture_script_leaves_partitions(slurm_env, jobdir):
 def _read(path):
     with open(path) as fh:
         return fh.read()
-
-
-def _wait(pred, timeout, step=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _ranks_started(out, n):

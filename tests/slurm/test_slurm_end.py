@@ -10,11 +10,11 @@ import glob
 import json
 import os
 import textwrap
-import time
 
 import pytest
 
 from .conftest import BIN, run
+from .conftest import wait as _wait
 
 pytestmark = [
     pytest.mark.slurm,
@@ -75,15 +75,6 @@ def _submit(env, jobdir, *opts) -> str:
              f"--output={jobdir}/job-%j.out", *opts, _job_script(jobdir)], env, str(jobdir))
     assert p.returncode == 0, p.stderr
     return p.stdout.strip().split(";")[0]
-
-
-def _wait(pred, timeout, step=0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def _state(env, jobdir, job) -> str:
