@@ -2,7 +2,8 @@
 
 Real ``mpiexec -n 2`` jobs, real signals: one that completes, one whose rank 1 raises
 (failed: rank, exit code, exception, message, the last frame of the traceback), one whose
-rank 1 SIGKILLs itself (killed: rank 1 first, as the aggregator saw it), and one killed
+rank 1 SIGKILLs itself (killed: rank 1 first, as the aggregator saw it), one whose ranks
+get SIGTERM twice, the second during their shutdown (terminated: each said goodbye), and one killed
 whole, aggregator included (lost).  None of them reads as ``running`` afterwards.
 """
 
@@ -38,6 +39,13 @@ def train():
             open(sys.argv[2] + f".{rank}", "w").close()
             time.sleep(60)
         if how == "killed":
+            time.sleep(5)
+        if how == "terminated":
+            # A time limit signals twice within milliseconds (slurmstepd, then srun's
+            # "forcing job termination"): the second SIGTERM lands in the shutdown.
+            from provhpc.launch.session import on_shutdown
+            on_shutdown(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+            os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
 train()
@@ -76,7 +84,7 @@ def _settled(venv_bin, env, run):
         time.sleep(0.3)
 
 
-@pytest.mark.parametrize("how", ["completed", "failed", "killed"])
+@pytest.mark.parametrize("how", ["completed", "failed", "killed", "terminated"])
 def test_how_a_job_ended(venv_bin, clean_env, tmp_path, how):
     proc, run = _job(venv_bin, clean_env, tmp_path, how)
     try:
@@ -92,6 +100,10 @@ def test_how_a_job_ended(venv_bin, clean_env, tmp_path, how):
         if how == "killed":  # rank 1 died; the launcher then took rank 0 down: either the
             # aggregator saw rank 1 go first, or it found both gone in one check
             assert set(end["ranks"]) == {0, 1} and end["first"] in (1, None), end
+        if how == "terminated":  # each rank said its own goodbye, none salvaged as killed
+            assert sorted(end["ranks"]) == [0, 1], end
+            assert [r["status"] for r in s["ranks"]] == ["terminated"] * 2, s["ranks"]
+            assert proc.returncode != 0
         text = subprocess.run([os.path.join(venv_bin, "provhpc"), "summary", run],
                               env=clean_env, capture_output=True, text=True).stdout
         assert f"ended {how}" in text, text

@@ -101,7 +101,19 @@ def _run_python(mode: str, target: str, argv: list[str]) -> None:
         exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
 
 
+_stopping = False
+
+
 def _on_sigterm(signum, _frame):
+    """The first SIGTERM unwinds the program (``SystemExit(143)``); the rank then ends its
+    capture.  Later ones are ignored: a time limit signals twice within milliseconds
+    (slurmstepd, then ``srun: forcing job termination``), and a second SystemExit raised
+    inside the shutdown would lose the rank's goodbye.  The agent still ends a rank whose
+    unwinding hangs (``agent.SIGTERM_GRACE``), and the scheduler's SIGKILL follows."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
     raise SystemExit(128 + signum)
 
 
@@ -115,6 +127,7 @@ def _after_fork_in_child() -> None:
 
 
 def run(cmd: list[str], out=None) -> int:
+    global _stopping
     parsed = split_python(cmd)
     # A command of its own may be the MPI process itself (`srun provhpc run -- ./train.sh`):
     # the wrapper then never starts MPI, and agrees on the run id from the launcher's job.
@@ -153,6 +166,7 @@ def run(cmd: list[str], out=None) -> int:
         # code is the program's, as without capture; the run is the parent's to end.
         return code
     if s is not None:
+        _stopping = True  # a SIGTERM from here on must not interrupt the shutdown
         signal.set_wakeup_fd(-1)  # before shutdown closes the pipe
         _session.shutdown(status, code, error)
         if status == "terminated":

@@ -157,6 +157,9 @@ def test_time_limit_is_terminated_by_timeout(slurm_env, jobdir):
     assert "DUE TO TIME LIMIT" in _logs(jobdir)
     m = _manifest(run_dir)  # known while the job completed: Reason=TimeLimit
     assert m["ended"]["state"] == "terminated" and m["ended"]["cause"] == "timeout", m["ended"]
+    # srun's "forcing job termination" signals again within milliseconds: every rank still
+    # said its own goodbye (none salvaged as killed)
+    assert sorted(m["ended"]["ranks"]) == [0, 1], m["ended"]
     assert m["scheduler"]["verdict"] == "timeout"
     end = _summary(run_dir, slurm_env)["end"]
     assert end["state"] == "terminated" and end["cause"] == "timeout", end
