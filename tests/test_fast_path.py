@@ -29,6 +29,8 @@ import provhpc
 from provhpc.capture import api
 from provhpc.testing import capture
 
+ENTS = []  # what data() returned: compared between the two paths
+
 def walk():
     raw = provhpc.data("data/raw.npy", kind="raw")
     for i in range(3):  # the first round interns the strings (Python), the others not (C)
@@ -69,6 +71,30 @@ def walk():
             except (ValueError, TypeError):
                 pass
     provhpc.metric("loss", 0.9, 0)  # in the run
+    # data: an existing file (a fixed size and mtime in both runs), a missing one, a
+    # domain object, an id; the first use of each string (Python), then C; and every case
+    # C hands back: a PathLike, derived_from, hash, attributes, a NUL in the path
+    made = os.path.join(sys.argv[1], "made.txt")
+    with open(made, "w") as fh:
+        fh.write("twelve bytes")
+    os.utime(made, ns=(1_700_000_000_000_000_000, 1_700_000_000_123_456_789))
+    import pathlib
+    with provhpc.task("load") as t:
+        for i in range(3):
+            for e in (provhpc.data(made), provhpc.data(made, kind="shard"),
+                      provhpc.data(made + ".missing"), provhpc.data("cat/dog", kind="domain"),
+                      provhpc.data("sample-17", kind="shard"), provhpc.data(pathlib.Path(made)),
+                      provhpc.data(made, kind="raw", derived_from=raw),
+                      provhpc.data(made, hash=True), provhpc.data("id-" + str(i), fold=i),
+                      provhpc.data("nul\0.txt")):
+                ENTS.append([e.key.replace(sys.argv[1], "DIR"), e.kind, e.id > 0, e.fp])
+            t.used(provhpc.data(made))
+    for bad in (lambda: provhpc.data(""), lambda: provhpc.data(1),
+                lambda: provhpc.data("x", kind=""), lambda: provhpc.data("x", "y")):
+        try:
+            bad()
+        except (ValueError, TypeError) as exc:
+            ENTS.append(type(exc).__name__)
     try:
         with provhpc.task("fails", a=1):
             raise KeyError("boom")
@@ -146,12 +172,14 @@ def walk():
     with provhpc.task("off", a=1) as t:
         t.generated(y=1)
         provhpc.metric("loss", 1.0, 1)
+        e = provhpc.data(made)
+        ENTS.append([e.key.replace(sys.argv[1], "DIR"), e.kind, e.id, e.fp])
     api.set_agent(agent)
 
 with capture(sys.argv[1], run_id="fast-" + sys.argv[2], slot_records=64, slots=64,
              telemetry_interval=0):
     walk()
-print(json.dumps({"c": api._fast is not None}))
+print(json.dumps({"c": api._fast is not None, "entities": ENTS}))
 '''
 
 FIELDS = ("kind", "vtype", "flags", "rank", "id", "ref", "name", "sval", "step", "ival", "fval")
@@ -177,7 +205,10 @@ def test_c_and_python_paths_write_the_same_records(tmp_path):
     (tmp_path / "p").mkdir()
     used_c, c, c_strings = _run(tmp_path / "c", "c")
     used_p, p, p_strings = _run(tmp_path / "p", "python")
-    assert used_c == {"c": True} and used_p == {"c": False}
+    assert used_c["c"] is True and used_p["c"] is False
+    assert used_c["entities"] == used_p["entities"]  # the same Entity objects returned
+    fps = [e[3] for e in used_c["entities"] if isinstance(e, list) and e[0] == "DIR/made.txt"]
+    assert [12, 1_700_000_000_123_456_789] in fps and None in fps  # stat-ed; capture off
     assert len(c) == len(p) > 2000
     # one order for both (slots of the two threads may be stored in another order)
     key = ("ival", "vtype", "sval", "name", "ref", "kind", "id", "rank")

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 
 #define MAX_RECORDS 64
 #define NO_STEP INT64_MIN
@@ -34,7 +35,8 @@ typedef struct {
 
 static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
-    *s_parent, *s_h_metric, *s_metric_py, *s_step_kw;
+    *s_parent, *s_h_metric, *s_metric_py, *s_step_kw, *s_h_entity, *s_data_py, *s_entity_cls,
+    *s_data_kind, *s_domain, *s_size, *s_mtime_ns, *s_fp;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -66,7 +68,7 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
  * reference, so a new agent is never mistaken for a freed one at the same address). */
 typedef struct {
     PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
-    uint64_t h_start, h_end, h_metric, h_attr[5];
+    uint64_t h_start, h_end, h_metric, h_entity, h_attr[5];
     unsigned long owner;
     int has_owner;
 } state_t;
@@ -97,6 +99,7 @@ static state_t *state_of(PyObject *agent) {
     if (get_u64(agent, s_h_start, &st.h_start) < 0) goto fail;
     if (get_u64(agent, s_h_end, &st.h_end) < 0) goto fail;
     if (get_u64(agent, s_h_metric, &st.h_metric) < 0) goto fail;
+    if (get_u64(agent, s_h_entity, &st.h_entity) < 0) goto fail;
     if ((h = PyObject_GetAttr(agent, s_h_attr)) == NULL) goto fail;
     if (!PyList_CheckExact(h) || PyList_GET_SIZE(h) < 5) {
         PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.h_attr");
@@ -343,6 +346,7 @@ static int end_core(PyObject *agent, PyObject *id_obj, PyObject *token, PyObject
  * else -- and every case the cores above decline -- calls the Python methods
  * ``start``, ``end`` and ``_generated`` of the subclass.  ``bind`` gives it the
  * API module's globals (for ``_agent``) and the current-activity ContextVar. */
+#define ROLE_ATTRIBUTE 0
 #define ROLE_PARAMETER 1
 #define ROLE_GENERATED 2
 
@@ -942,6 +946,138 @@ slow:;
     return PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
 }
 
+/* data(path_or_id, *, kind="data"): the common case in C -- a str identity and kind, no
+ * other keyword -- writes what api._data_py writes: the ENTITY record (id a new entity id,
+ * ref the current activity, name the identity, sval the kind) and, for a path (a "/" or
+ * "." in it, kind not "domain") that stat() finds, the attributes size and mtime_ns; and
+ * returns the api.Entity, its fp (size, mtime_ns) set.  stat() runs without the GIL, as
+ * os.stat does (a slow parallel file system stalls no other thread).  With capture off
+ * it returns the Entity of id 0.  Everything else (an identity or kind not interned yet
+ * or not a str, derived_from, hash, attributes, another thread, a full slot, a path that
+ * does not encode) is api._data_py's. */
+static PyObject *new_entity(PyObject *key, PyObject *kind, PyObject *eid, PyObject *fp) {
+    PyObject *cls = PyDict_GetItemWithError(api_globals, s_entity_cls);  /* borrowed */
+    if (cls == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: api.Entity unset");
+        return NULL;
+    }
+    PyObject *argv[3] = {key, kind, eid};
+    PyObject *ent = PyObject_Vectorcall(cls, argv, 3, NULL);
+    if (ent != NULL && fp != NULL && PyObject_SetAttr(ent, s_fp, fp) < 0) Py_CLEAR(ent);
+    return ent;
+}
+
+static int has_path_char(PyObject *key) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(key);
+    Py_ssize_t a = PyUnicode_FindChar(key, '/', 0, n, 1);
+    if (a == -2) return -1;
+    if (a >= 0) return 1;
+    Py_ssize_t b = PyUnicode_FindChar(key, '.', 0, n, 1);
+    return b == -2 ? -1 : b >= 0;
+}
+
+static PyObject *fast_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames) {
+    PyObject *agent, *key, *kind = s_data_kind, *cur = NULL, *eid = NULL, *fp = NULL, *ent;
+    if (api_globals == NULL || nargs != 1) goto slow;
+    if (kwnames != NULL) {  /* data(key, kind=...): the one keyword the fast path reads */
+        if (PyTuple_GET_SIZE(kwnames) != 1) goto slow;
+        PyObject *kw = PyTuple_GET_ITEM(kwnames, 0);
+        if (kw != s_kind && PyUnicode_Compare(kw, s_kind) != 0) goto slow;
+        kind = args[1];
+    }
+    key = args[0];
+    if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) == 0 ||
+        !PyUnicode_CheckExact(kind) || PyUnicode_GET_LENGTH(kind) == 0)
+        goto slow;  /* a PathLike, or misuse: the Python path raises */
+    if ((agent = api_agent()) == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        int off = capture_off();
+        if (off < 0) return NULL;
+        if (!off) goto slow;  /* a forked child's agent starts lazily: Python */
+        return new_entity(key, kind, zero, NULL);
+    }
+    int path = 0;
+    if (PyUnicode_Compare(kind, s_domain) != 0 && (path = has_path_char(key)) < 0) return NULL;
+    struct stat sb;
+    int found = 0;
+    if (path) {
+        PyObject *b = PyUnicode_EncodeFSDefault(key);
+        if (b == NULL) {
+            PyErr_Clear();
+            goto slow;
+        }
+        if (strlen(PyBytes_AS_STRING(b)) != (size_t)PyBytes_GET_SIZE(b)) {
+            Py_DECREF(b);  /* an embedded NUL */
+            goto slow;
+        }
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = stat(PyBytes_AS_STRING(b), &sb);
+        Py_END_ALLOW_THREADS
+        Py_DECREF(b);
+        found = rc == 0;
+        if (api_agent() != agent) goto slow;  /* capture ended meanwhile (another thread) */
+    }
+    state_t *st = state_of(agent);
+    if (st == NULL) return NULL;
+    Py_ssize_t n = found ? 3 : 1;
+    record_t recs[3];
+    long long off;
+    int r;
+    if ((r = room(agent, st, n, &off)) < 0) return NULL;
+    if (r == 0) goto slow;
+    if ((r = string_id(st->strings, key, &recs[0].name)) < 0) return NULL;
+    if (r == 0) goto slow;
+    if ((r = string_id(st->strings, kind, &recs[0].sval)) < 0) return NULL;
+    if (r == 0) goto slow;
+    if (found) {
+        if ((r = string_id(st->strings, s_size, &recs[1].name)) < 0) return NULL;
+        if (r == 0) goto slow;
+        if ((r = string_id(st->strings, s_mtime_ns, &recs[2].name)) < 0) return NULL;
+        if (r == 0) goto slow;
+    }
+    /* from here on nothing falls back: take the id and write */
+    if ((eid = PyObject_CallNoArgs(st->next_id)) == NULL) return NULL;
+    uint64_t id = PyLong_AsUnsignedLongLong(eid);
+    if (id == (uint64_t)-1 && PyErr_Occurred()) goto error;
+    if (PyContextVar_Get(current_var, NULL, &cur) < 0) goto error;
+    uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
+    Py_XDECREF(cur);
+    if (act == (uint64_t)-1 && PyErr_Occurred()) goto error;
+    int64_t t = now_ns();
+    recs[0].hdr = st->h_entity; recs[0].id = id; recs[0].ref = act; recs[0].t = t;
+    recs[0].step = NO_STEP; recs[0].ival = 0; recs[0].fval = 0.0;
+    if (found) {
+        long long mtime = (long long)sb.st_mtim.tv_sec * 1000000000LL + sb.st_mtim.tv_nsec;
+        for (int i = 1; i < 3; i++) {
+            recs[i].hdr = st->h_attr[1]; recs[i].id = id; recs[i].ref = ROLE_ATTRIBUTE;
+            recs[i].t = t; recs[i].sval = 0; recs[i].step = NO_STEP; recs[i].fval = 0.0;
+        }
+        recs[1].ival = (int64_t)sb.st_size;
+        recs[2].ival = mtime;
+        if ((fp = Py_BuildValue("(LL)", (long long)sb.st_size, mtime)) == NULL) goto error;
+    }
+    if (commit(agent, st, off, recs, n) < 0) goto error;
+    ent = new_entity(key, kind, eid, fp);
+    Py_DECREF(eid);
+    Py_XDECREF(fp);
+    return ent;
+error:
+    Py_XDECREF(eid);
+    Py_XDECREF(fp);
+    return NULL;
+slow:;
+    PyObject *py = api_globals ? PyDict_GetItemWithError(api_globals, s_data_py) : NULL;
+    if (py == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: api._data_py unset");
+        return NULL;
+    }
+    return PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+}
+
 static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyDict_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "bind(api_globals, current)");
@@ -968,6 +1104,14 @@ static PyMethodDef methods[] = {
      "One point of a metric series, attached to the current activity.\n\n"
      "A value that is not a number or a step that is not an integer is data, not misuse: the\n"
      "point is dropped and counted as ``bad_value`` (docs/format.md, \"Values\"), never raised.\n"
+     "(The common case is written in C, provhpc/capture/_fast.c; the rest in Python.)"},
+    {"data", (PyCFunction)(void (*)(void))fast_data, METH_FASTCALL | METH_KEYWORDS,
+     "data(path_or_id, *, kind='data', derived_from=(), hash=False, **attributes)\n--\n\n"
+     "A data entity (file, shard, model, checkpoint, domain object).\n\n"
+     "``path_or_id`` is its identity across ranks and runs.  For an existing file its\n"
+     "size and modification time are recorded (one ``stat``): the same path with the same\n"
+     "size and mtime is one entity across ranks and runs; with ``hash=True`` its content\n"
+     "hash is recorded too (attribute ``hash``), and entities link by content.\n"
      "(The common case is written in C, provhpc/capture/_fast.c; the rest in Python.)"},
     {"bind", (PyCFunction)(void (*)(void))fast_bind, METH_FASTCALL,
      "bind(api_globals, current): where ActivityBase finds the agent and the current activity"},
@@ -1001,6 +1145,9 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_kind, "kind"); INTERN(s_index, "index"); INTERN(s_params, "params");
     INTERN(s_id, "id"); INTERN(s_parent, "parent"); INTERN(s_h_metric, "h_metric");
     INTERN(s_metric_py, "_metric_py"); INTERN(s_step_kw, "step");
+    INTERN(s_h_entity, "h_entity"); INTERN(s_data_py, "_data_py"); INTERN(s_entity_cls, "Entity");
+    INTERN(s_data_kind, "data"); INTERN(s_domain, "domain"); INTERN(s_size, "size");
+    INTERN(s_mtime_ns, "mtime_ns"); INTERN(s_fp, "fp");
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;

@@ -315,7 +315,7 @@ def data(path_or_id: Any, *, kind: str = "data", derived_from: Any = (), hash: b
             ent.fp = (st.st_size, st.st_mtime_ns)
             if hash and os.path.isfile(key):
                 extra["hash"] = file_hash(key)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: an embedded NUL, not a file
             pass
     if extra or attributes:
         _write_values(agent, eid, {**extra, **attributes}, ROLE_ATTRIBUTE)
@@ -323,6 +323,11 @@ def data(path_or_id: Any, *, kind: str = "data", derived_from: Any = (), hash: b
         sources = derived_from if isinstance(derived_from, (list, tuple)) else (derived_from,)
         ent.derived_from(*sources)
     return ent
+
+
+_data_py = data  # the Python path: every case the C one does not take
+if _fast is not None:  # data(str, kind=str) in C: the record, one stat, the Entity
+    data = _fast.data  # noqa: F811
 
 
 def hyperparameters(mapping: dict[str, Any] | None = None, name: str = "hyperparameters",
