@@ -89,8 +89,26 @@ def walk():
                       provhpc.data("nul\0.txt")):
                 ENTS.append([e.key.replace(sys.argv[1], "DIR"), e.kind, e.id > 0, e.fp])
             t.used(provhpc.data(made))
+            # attribute and Activity.metric: C for plain values, Python for the rest
+            for v in (0.5, 3, True, "x", "new-" + str(i), 2**70, None, [1], np.float32(1)):
+                provhpc.attribute("lr", v)
+                t.metric("loss", v)
+            provhpc.attribute(name="lr", value=0.1)
+            t.metric("loss", 0.5, i)
+            t.metric("loss", 0.5, step=i)
+            t.metric("loss", 0.5, 1.5)
+            t.metric(name="loss", value=0.5)
+            provhpc.task("never started").metric("loss", 0.5)
+            # relations (C when the relation is interned) and the hyperparameter set
+            provhpc.used(raw)
+            provhpc.generated(raw, y=i)
+            provhpc.data("derived.txt").derived_from(raw).member(raw)
+            provhpc.hyperparameters({"lr": 0.1}, batch=32)
     for bad in (lambda: provhpc.data(""), lambda: provhpc.data(1),
-                lambda: provhpc.data("x", kind=""), lambda: provhpc.data("x", "y")):
+                lambda: provhpc.data("x", kind=""), lambda: provhpc.data("x", "y"),
+                lambda: provhpc.attribute("", 1.0), lambda: provhpc.attribute(1, 1.0),
+                lambda: provhpc.attribute("lr"),
+                lambda: provhpc.task("t").metric("", 1.0)):
         try:
             bad()
         except (ValueError, TypeError) as exc:

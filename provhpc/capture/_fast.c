@@ -36,7 +36,8 @@ typedef struct {
 static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
     *s_parent, *s_h_metric, *s_metric_py, *s_step_kw, *s_h_entity, *s_data_py, *s_entity_cls,
-    *s_data_kind, *s_domain, *s_size, *s_mtime_ns, *s_fp;
+    *s_data_kind, *s_domain, *s_size, *s_mtime_ns, *s_fp, *s_h_relation, *s_attribute_py,
+    *s_metric_act_py;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -68,7 +69,7 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
  * reference, so a new agent is never mistaken for a freed one at the same address). */
 typedef struct {
     PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
-    uint64_t h_start, h_end, h_metric, h_entity, h_attr[5];
+    uint64_t h_start, h_end, h_metric, h_entity, h_relation, h_attr[5];
     unsigned long owner;
     int has_owner;
 } state_t;
@@ -100,6 +101,7 @@ static state_t *state_of(PyObject *agent) {
     if (get_u64(agent, s_h_end, &st.h_end) < 0) goto fail;
     if (get_u64(agent, s_h_metric, &st.h_metric) < 0) goto fail;
     if (get_u64(agent, s_h_entity, &st.h_entity) < 0) goto fail;
+    if (get_u64(agent, s_h_relation, &st.h_relation) < 0) goto fail;
     if ((h = PyObject_GetAttr(agent, s_h_attr)) == NULL) goto fail;
     if (!PyList_CheckExact(h) || PyList_GET_SIZE(h) < 5) {
         PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.h_attr");
@@ -167,6 +169,39 @@ static int commit(PyObject *agent, state_t *st, long long off, const record_t *r
     return r;
 }
 
+/* The attribute record of one (key, value) into *r: 1 written, 0 fall back, -1 error. */
+static int value_record(state_t *st, uint64_t owner, uint64_t role, int64_t t, PyObject *key,
+                        PyObject *value, record_t *r) {
+    uint32_t kid;
+    int s = string_id(st->strings, key, &kid);
+    if (s <= 0) return s;
+    r->id = owner; r->ref = role; r->t = t; r->name = kid; r->sval = 0;
+    r->step = NO_STEP; r->ival = 0; r->fval = 0.0;
+    if (PyFloat_CheckExact(value)) {
+        r->hdr = st->h_attr[2];
+        r->fval = PyFloat_AS_DOUBLE(value);
+    } else if (PyBool_Check(value)) {
+        r->hdr = st->h_attr[3];
+        r->ival = value == Py_True;
+    } else if (PyLong_CheckExact(value)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (overflow) return 0;
+        if (v == -1 && PyErr_Occurred()) return -1;
+        r->hdr = st->h_attr[1];
+        r->ival = v;
+    } else if (PyUnicode_CheckExact(value)) {
+        uint32_t sid;
+        s = string_id(st->strings, value, &sid);
+        if (s <= 0) return s;
+        r->hdr = st->h_attr[4];
+        r->sval = sid;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 /* Attribute records of ``values`` (a dict) into recs[0..]: count, -2 fall back, -1 error. */
 static Py_ssize_t value_records(state_t *st, uint64_t owner, uint64_t role, int64_t t,
                                 PyObject *values, record_t *recs, Py_ssize_t max) {
@@ -174,34 +209,8 @@ static Py_ssize_t value_records(state_t *st, uint64_t owner, uint64_t role, int6
     Py_ssize_t pos = 0, i = 0;
     PyObject *key, *value;
     while (PyDict_Next(values, &pos, &key, &value)) {
-        record_t *r = &recs[i++];
-        uint32_t kid;
-        int s = string_id(st->strings, key, &kid);
+        int s = value_record(st, owner, role, t, key, value, &recs[i++]);
         if (s <= 0) return s < 0 ? -1 : -2;
-        r->id = owner; r->ref = role; r->t = t; r->name = kid; r->sval = 0;
-        r->step = NO_STEP; r->ival = 0; r->fval = 0.0;
-        if (PyFloat_CheckExact(value)) {
-            r->hdr = st->h_attr[2];
-            r->fval = PyFloat_AS_DOUBLE(value);
-        } else if (PyBool_Check(value)) {
-            r->hdr = st->h_attr[3];
-            r->ival = value == Py_True;
-        } else if (PyLong_CheckExact(value)) {
-            int overflow = 0;
-            long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
-            if (overflow) return -2;
-            if (v == -1 && PyErr_Occurred()) return -1;
-            r->hdr = st->h_attr[1];
-            r->ival = v;
-        } else if (PyUnicode_CheckExact(value)) {
-            uint32_t sid;
-            s = string_id(st->strings, value, &sid);
-            if (s <= 0) return s < 0 ? -1 : -2;
-            r->hdr = st->h_attr[4];
-            r->sval = sid;
-        } else {
-            return -2;
-        }
     }
     return i;
 }
@@ -503,12 +512,18 @@ static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs)
     return res;
 }
 
+static PyObject *act_metric(Activity *self, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames);
+
 static PyMethodDef act_methods[] = {
     {"__enter__", (PyCFunction)act_enter, METH_NOARGS, "start(); returns the activity"},
     {"__exit__", (PyCFunction)(void (*)(void))act_exit, METH_FASTCALL,
      "end(), or end('error', exc) when the block raised; never swallows the exception"},
     {"generated", (PyCFunction)(void (*)(void))act_generated, METH_VARARGS | METH_KEYWORDS,
      "generated(*entities, **values): what the activity produced"},
+    {"metric", (PyCFunction)(void (*)(void))act_metric, METH_FASTCALL | METH_KEYWORDS,
+     "metric(name, value, step=None)\n--\n\n"
+     "A metric point of this activity (the rules of ``provhpc.metric``)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -886,64 +901,168 @@ static PyObject *fast_decorate(PyObject *module, PyObject *const *args, Py_ssize
     return (PyObject *)d;
 }
 
-/* bind(api_globals, current) */
 /* metric(name, value, step=None): the common case in C -- capture on, the owner thread,
  * a float value, no step or an int step within int64 (not NO_STEP), an interned name, room
  * in the slot -- writes the one METRIC record the Python path writes (api.metric: header
  * h_metric, id the current activity, t time.time_ns(), the name's id, step, fval).
  * Everything else (capture off, a value or step to coerce or to count as bad, a name not
  * interned yet, keywords, another thread, a full slot) is api._metric_py's. */
-static PyObject *fast_metric(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
-                             PyObject *kwnames) {
-    PyObject *agent, *cur = NULL, *step_obj = NULL;
+
+/* The step of metric(name, value[, step]) or metric(name, value, step=...): 1 and
+ * *step_obj set (NULL: none given), 0 another call shape (the Python path's). */
+static int metric_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                       PyObject **step_obj) {
+    *step_obj = NULL;
+    if (kwnames == NULL) {
+        if (nargs < 2 || nargs > 3) return 0;
+        if (nargs == 3) *step_obj = args[2];
+        return 1;
+    }
+    if (nargs != 2 || PyTuple_GET_SIZE(kwnames) != 1) return 0;
+    PyObject *kw = PyTuple_GET_ITEM(kwnames, 0);
+    if (kw != s_step_kw && PyUnicode_Compare(kw, s_step_kw) != 0) return 0;
+    *step_obj = args[2];
+    return 1;
+}
+
+/* The METRIC record of (name, value, step) owned by ``owner`` (NULL: the current
+ * activity): 1 written, 0 fall back (nothing changed), -1 error. */
+static int metric_core(PyObject *agent, PyObject *owner, PyObject *name, PyObject *value,
+                       PyObject *step_obj) {
     int64_t step = NO_STEP;
-    if (api_globals == NULL) goto slow;
-    if (kwnames == NULL) {  /* metric(name, value[, step]) */
-        if (nargs < 2 || nargs > 3) goto slow;
-        if (nargs == 3) step_obj = args[2];
-    } else {  /* metric(name, value, step=...): the one keyword the fast path reads */
-        if (nargs != 2 || PyTuple_GET_SIZE(kwnames) != 1) goto slow;
-        PyObject *kw = PyTuple_GET_ITEM(kwnames, 0);
-        if (kw != s_step_kw && PyUnicode_Compare(kw, s_step_kw) != 0) goto slow;
-        step_obj = args[2];
-    }
-    if ((agent = api_agent()) == NULL) {
-        if (PyErr_Occurred()) return NULL;
-        goto slow;
-    }
-    if (!PyFloat_CheckExact(args[1])) goto slow;
+    if (!PyFloat_CheckExact(value)) return 0;
     if (step_obj != NULL && step_obj != Py_None) {
-        if (!PyLong_CheckExact(step_obj)) goto slow;
+        if (!PyLong_CheckExact(step_obj)) return 0;
         int overflow = 0;
         long long v = PyLong_AsLongLongAndOverflow(step_obj, &overflow);
-        if (overflow || v == NO_STEP) goto slow;
-        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (overflow || v == NO_STEP) return 0;
+        if (v == -1 && PyErr_Occurred()) return -1;
         step = v;
     }
     state_t *st = state_of(agent);
-    if (st == NULL) return NULL;
+    if (st == NULL) return -1;
     long long off;
-    int r = room(agent, st, 1, &off);
-    if (r < 0) return NULL;
-    if (r == 0) goto slow;
     uint32_t nid;
-    if ((r = string_id(st->strings, args[0], &nid)) < 0) return NULL;
-    if (r == 0) goto slow;
-    if (PyContextVar_Get(current_var, NULL, &cur) < 0) return NULL;
-    uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
-    Py_XDECREF(cur);
-    if (act == (uint64_t)-1 && PyErr_Occurred()) return NULL;
-    record_t rec = {st->h_metric, act, 0, now_ns(), nid, 0, step, 0, PyFloat_AS_DOUBLE(args[1])};
-    if (commit(agent, st, off, &rec, 1) < 0) return NULL;
-    Py_RETURN_NONE;
-slow:;
-    PyObject *py = api_globals ? PyDict_GetItemWithError(api_globals, s_metric_py) : NULL;
-    if (py == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: api._metric_py unset");
+    int r;
+    if ((r = room(agent, st, 1, &off)) <= 0) return r;
+    if ((r = string_id(st->strings, name, &nid)) <= 0) return r;
+    uint64_t act;
+    if (owner == NULL) {
+        PyObject *cur = NULL;
+        if (PyContextVar_Get(current_var, NULL, &cur) < 0) return -1;
+        act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
+        Py_XDECREF(cur);
+    } else {
+        act = PyLong_AsUnsignedLongLong(owner);
+    }
+    if (act == (uint64_t)-1 && PyErr_Occurred()) return -1;
+    record_t rec = {st->h_metric, act, 0, now_ns(), nid, 0, step, 0, PyFloat_AS_DOUBLE(value)};
+    return commit(agent, st, off, &rec, 1) < 0 ? -1 : 1;
+}
+
+/* The API function ``name`` of the Python path (borrowed). */
+static PyObject *python_path(PyObject *name) {
+    PyObject *py = api_globals ? PyDict_GetItemWithError(api_globals, name) : NULL;
+    if (py == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_RuntimeError, "provhpc.capture._fast: api.%U unset", name);
+    return py;
+}
+
+static PyObject *fast_metric(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames) {
+    PyObject *agent, *step_obj;
+    if (api_globals != NULL && metric_args(args, nargs, kwnames, &step_obj)) {
+        if ((agent = api_agent()) != NULL) {
+            int r = metric_core(agent, NULL, args[0], args[1], step_obj);
+            if (r < 0) return NULL;
+            if (r == 1) Py_RETURN_NONE;
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *py = python_path(s_metric_py);
+    return py == NULL ? NULL : PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+}
+
+/* Activity.metric(name, value, step=None): as metric(), owned by this activity; the
+ * Python path is the subclass's ``_metric``. */
+static PyObject *act_metric(Activity *self, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames) {
+    PyObject *agent, *step_obj;
+    if (self->id != zero && metric_args(args, nargs, kwnames, &step_obj)) {
+        if ((agent = api_agent()) != NULL) {
+            int r = metric_core(agent, self->id, args[0], args[1], step_obj);
+            if (r < 0) return NULL;
+            if (r == 1) {
+                Py_INCREF(self);
+                return (PyObject *)self;
+            }
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *method = PyObject_GetAttr((PyObject *)self, s_metric_act_py);
+    if (method == NULL) return NULL;
+    PyObject *res = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return res;
+}
+
+/* attribute(name, value): one plain value (float, int within int64, bool, interned str)
+ * of the current activity, as api._attribute_py writes it; the rest is Python's. */
+static PyObject *fast_attribute(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                PyObject *kwnames) {
+    PyObject *agent;
+    if (api_globals != NULL && kwnames == NULL && nargs == 2) {
+        if ((agent = api_agent()) != NULL) {
+            state_t *st = state_of(agent);
+            if (st == NULL) return NULL;
+            long long off;
+            int r = room(agent, st, 1, &off);
+            if (r < 0) return NULL;
+            PyObject *cur = NULL;
+            record_t rec;
+            if (r == 1 && PyContextVar_Get(current_var, NULL, &cur) < 0) return NULL;
+            if (r == 1) {
+                uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
+                Py_XDECREF(cur);
+                if (act == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+                r = value_record(st, act, ROLE_ATTRIBUTE, now_ns(), args[0], args[1], &rec);
+                if (r < 0) return NULL;
+                if (r == 1) {
+                    if (commit(agent, st, off, &rec, 1) < 0) return NULL;
+                    Py_RETURN_NONE;
+                }
+            }
+        } else if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *py = python_path(s_attribute_py);
+    return py == NULL ? NULL : PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+}
+
+/* relate(agent, subject, relation, obj) -> bool: the one RELATION record of api._relate
+ * (id subject, ref obj, name the relation) when the relation is interned and there is
+ * room; False changes nothing. */
+static PyObject *fast_relate(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "relate(agent, subject, relation, obj)");
         return NULL;
     }
-    return PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+    uint64_t subject = PyLong_AsUnsignedLongLong(args[1]);
+    if (subject == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    uint64_t obj = PyLong_AsUnsignedLongLong(args[3]);
+    if (obj == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    state_t *st = state_of(args[0]);
+    if (st == NULL) return NULL;
+    long long off;
+    uint32_t rid;
+    int r;
+    if ((r = room(args[0], st, 1, &off)) <= 0) return as_bool(r);
+    if ((r = string_id(st->strings, args[2], &rid)) <= 0) return as_bool(r);
+    record_t rec = {st->h_relation, subject, obj, now_ns(), rid, 0, NO_STEP, 0, 0.0};
+    return as_bool(commit(args[0], st, off, &rec, 1) < 0 ? -1 : 1);
 }
 
 /* data(path_or_id, *, kind="data"): the common case in C -- a str identity and kind, no
@@ -1069,13 +1188,8 @@ error:
     Py_XDECREF(fp);
     return NULL;
 slow:;
-    PyObject *py = api_globals ? PyDict_GetItemWithError(api_globals, s_data_py) : NULL;
-    if (py == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: api._data_py unset");
-        return NULL;
-    }
-    return PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
+    PyObject *py = python_path(s_data_py);
+    return py == NULL ? NULL : PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
 }
 
 static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -1105,6 +1219,11 @@ static PyMethodDef methods[] = {
      "A value that is not a number or a step that is not an integer is data, not misuse: the\n"
      "point is dropped and counted as ``bad_value`` (docs/format.md, \"Values\"), never raised.\n"
      "(The common case is written in C, provhpc/capture/_fast.c; the rest in Python.)"},
+    {"attribute", (PyCFunction)(void (*)(void))fast_attribute, METH_FASTCALL | METH_KEYWORDS,
+     "attribute(name, value)\n--\n\nA typed attribute of the current activity.\n"
+     "(The common case is written in C, provhpc/capture/_fast.c; the rest in Python.)"},
+    {"relate", (PyCFunction)(void (*)(void))fast_relate, METH_FASTCALL,
+     "relate(agent, subject, relation, obj) -> bool: one RELATION record, or False"},
     {"data", (PyCFunction)(void (*)(void))fast_data, METH_FASTCALL | METH_KEYWORDS,
      "data(path_or_id, *, kind='data', derived_from=(), hash=False, **attributes)\n--\n\n"
      "A data entity (file, shard, model, checkpoint, domain object).\n\n"
@@ -1147,7 +1266,8 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_metric_py, "_metric_py"); INTERN(s_step_kw, "step");
     INTERN(s_h_entity, "h_entity"); INTERN(s_data_py, "_data_py"); INTERN(s_entity_cls, "Entity");
     INTERN(s_data_kind, "data"); INTERN(s_domain, "domain"); INTERN(s_size, "size");
-    INTERN(s_mtime_ns, "mtime_ns"); INTERN(s_fp, "fp");
+    INTERN(s_mtime_ns, "mtime_ns"); INTERN(s_fp, "fp"); INTERN(s_h_relation, "h_relation");
+    INTERN(s_attribute_py, "_attribute_py"); INTERN(s_metric_act_py, "_metric");
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;

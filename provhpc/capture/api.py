@@ -48,6 +48,7 @@ try:  # the owner thread's hot path of activities and values in C (provhpc/_fast
 except ImportError:  # not built (no compiler): the Python path below does the same
     _fast = None
 _c_start, _c_values = (_fast.start, _fast.values) if _fast is not None else (None, None)
+_c_relate = _fast.relate if _fast is not None else None
 
 
 def get_agent(start_child: bool = True) -> Agent | None:
@@ -207,7 +208,7 @@ def _write_values(agent: Agent, owner: int, values: dict[str, Any], role: int) -
 
 
 def _relate(agent: Agent, subject: int, relation: str, obj: int) -> None:
-    if subject and obj:
+    if subject and obj and (_c_relate is None or not _c_relate(agent, subject, relation, obj)):
         agent.emit(R.RELATION, 0, 0, subject, obj, _time_ns(), relation, None, _NO_STEP, 0, 0.0)
 
 
@@ -443,6 +444,11 @@ def attribute(name: str, value: Any) -> None:
         _check_keys({name: value})
 
 
+_attribute_py = attribute  # the Python path: every case the C one does not take
+if _fast is not None:  # one plain value of the current activity in C
+    attribute = _fast.attribute  # noqa: F811
+
+
 def used(*entities: Any) -> None:
     """The current activity used ``entities``."""
     agent = get_agent()
@@ -507,6 +513,13 @@ class _ActivityBase:
 
     def generated(self, *entities: Any, **values: Any) -> Activity:
         return self._generated(*entities, **values)
+
+    def _metric(self, name: str, value: Any, step: Any = None) -> Activity:
+        raise NotImplementedError
+
+    def metric(self, name: str, value: Any, step: Any = None) -> Activity:
+        """A metric point of this activity (the rules of ``provhpc.metric``)."""
+        return self._metric(name, value, step)
 
 
 if _fast is not None:
@@ -638,8 +651,8 @@ class Activity(_ActivityBase):
             _check_keys(values)
         return self
 
-    def metric(self, name: str, value: Any, step: Any = None) -> Activity:
-        """A metric point of this activity (the rules of ``provhpc.metric``)."""
+    def _metric(self, name: str, value: Any, step: Any = None) -> Activity:
+        """``metric()`` of the base: the rules of ``provhpc.metric``, owned by this activity."""
         check_name(name, "metric name")  # misuse raises with capture off too
         agent = _agent
         if agent is not None and self.id:
