@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -243,6 +244,17 @@ def start_provhpc(out: str):
     return provhpc, api, session
 
 
+def in_another_thread(loop):
+    """Run ``loop`` in a fresh thread (not the agent's owner: the locked Python path)."""
+    def run():
+        out = []
+        th = threading.Thread(target=lambda: out.append(loop()))
+        th.start()
+        th.join()
+        return out[0]
+    return run
+
+
 def with_capture_off(api, loop):
     """Run ``loop`` with the agent detached: the cost of the API when capture is off."""
     def run():
@@ -265,11 +277,14 @@ def build_cases(provhpc, api, peers, n):
             "floor": lambda: loop_metric(floor_metric, n),
             "provhpc": lambda: loop_metric(provhpc.metric, n),
             "provhpc off": off(lambda: loop_metric(provhpc.metric, n)),
+            "provhpc, other thread": in_another_thread(lambda: loop_metric(provhpc.metric, n)),
         }),
         ("task: with, 3 params, 2 generated", 7, {
             "floor": lambda: loop_task_with(floor_task, n // 4),
             "provhpc": lambda: loop_task_with(provhpc.task, n // 4),
             "provhpc off": off(lambda: loop_task_with(provhpc.task, n // 4)),
+            "provhpc, other thread": in_another_thread(
+                lambda: loop_task_with(provhpc.task, n // 4)),
         }),
         ("task: @decorator f(a, b, c) -> {y, z}", 7, {
             "floor": lambda: loop_call(empty_dec, n // 4),
@@ -348,7 +363,7 @@ def main(argv=None) -> int:
 
 
 def report(rows, samples, rounds, elapsed, stored, peer_info, notes, json_path):
-    variants = ["floor", "provhpc", "provhpc off", "Flowcept", "MLflow"]
+    variants = ["floor", "provhpc", "provhpc off", "provhpc, other thread", "Flowcept", "MLflow"]
     print(f"# capture cost per call, ns (median of {rounds} interleaved rounds; "
           f"{elapsed:.0f} s)\n# {C.machine()}\n")
     out_rows, doc = [], {"rounds": rounds, "machine": C.machine(), "rows": {}}
@@ -368,6 +383,15 @@ def report(rows, samples, rounds, elapsed, stored, peer_info, notes, json_path):
                              "range_ns": {v: C.spread(samples[(name, v)]) for v in vs}}
     print(C.table(["call", "records"] + [f"{v}, ns (x floor)" if v != "floor" else "floor, ns"
                                          for v in variants], out_rows))
+    print(f"\n# min / median / max over the {rounds} rounds, ns\n")
+    spread_rows = []
+    for name, _nrec, _vs in rows:
+        cells = [name]
+        for v in ("floor", "provhpc", "provhpc off"):
+            xs = samples[(name, v)]
+            cells.append(f"{min(xs):,.0f} / {C.med(xs):,.0f} / {max(xs):,.0f}")
+        spread_rows.append(cells)
+    print(C.table(["call", "floor", "provhpc", "provhpc off"], spread_rows))
     print()
     med = {name: {v: C.med(samples[(name, v)]) for v in vs} for name, _n, vs in rows}
     metric = med["metric(name, value, step)"]

@@ -1,5 +1,6 @@
 """The capture API through a real agent and aggregator (provhpc.testing.capture)."""
 
+import sys
 import threading
 
 import numpy as np
@@ -205,3 +206,55 @@ def test_bad_points_are_dropped_counted_and_capture_goes_on(tmp_path):
     assert [(d["reason"], d["count"]) for d in drops] == [("bad_value", 3)]
 
 
+
+
+def test_threads_racing_the_owner_lose_and_corrupt_nothing(tmp_path):
+    """Other threads write through the C path too (the GIL makes each C write atomic) and
+    back off while the owner is inside its Python fast path (``busy``): the owner here
+    keeps entering it (list values need the coercion rules), the others write metrics,
+    attributes and tasks in C and in Python.  Every record arrives, none overwritten."""
+    n = 10000
+    sys_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
+    try:
+        with capture(tmp_path, slot_records=256, slots=32) as cap:
+            def worker(k):
+                for i in range(n):
+                    provhpc.metric(f"w{k}", float(i), step=i)  # C
+                    if i % 4 == 0:
+                        provhpc.metric(f"w{k}", i, step=-i - 1)  # coerced: Python, locked
+                    if i % 16 == 0:
+                        with provhpc.task(f"t{k}", i=i):  # C start and end
+                            provhpc.attribute("a", [i])  # coerced: Python, locked
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for i in range(n):  # the owner: its Python fast path (busy: a list value is
+                provhpc.attribute("own", [1])  # coerced to an interned string) and C
+                provhpc.metric("own", float(i), step=i)
+            for t in threads:
+                t.join()
+            provhpc.flush(10)
+            assert sum(cap.agent.dropped.values()) == 0
+    finally:
+        sys.setswitchinterval(sys_interval)
+    m = by_kind(cap, "metric")
+    keys = np.array(names(cap, m))
+    for k in range(3):
+        sel = m[keys == f"w{k}"]
+        c = sel[sel["step"] >= 0]
+        assert sorted(c["step"].tolist()) == list(range(n))
+        assert (c["fval"] == c["step"]).all()
+        py = sel[sel["step"] < 0]
+        assert sorted((-py["step"] - 1).tolist()) == list(range(0, n, 4))
+        assert (py["fval"] == -py["step"] - 1).all()
+    own = m[keys == "own"]
+    assert sorted(own["step"].tolist()) == list(range(n)) and (own["fval"] == own["step"]).all()
+    starts, ends = by_kind(cap, "activity_start"), by_kind(cap, "activity_end")
+    task_ids = set(starts["id"][np.isin(np.array(names(cap, starts)),
+                                        ["t0", "t1", "t2"])].tolist())
+    assert len(task_ids) == 3 * n // 16 and task_ids <= set(ends["id"].tolist())
+    attrs = by_kind(cap, "attribute")
+    assert (np.array(names(cap, attrs)) == "own").sum() == n
+    assert (np.array(names(cap, attrs)) == "a").sum() == 3 * n // 16

@@ -1,12 +1,13 @@
-/* provhpc.capture._fast: the owner thread's hot path of activities and values, in C.
+/* provhpc.capture._fast: the hot path of activities and values, in C.
  *
  * Optional: provhpc.capture.api uses these functions when the extension built, and its
  * pure-Python path otherwise.  Each function writes records exactly as the
  * Python path would (same 64-byte layout, "<QQQqIIqqd", see records.py) or,
  * when anything is out of the ordinary, changes nothing and returns False so
  * that the caller takes the Python path:
- *   - not the agent's owner thread, or no room before ``fast_end`` (the slot is
- *     full, or a locked section closed the fast path);
+ *   - no room before ``fast_end`` (the slot is full, or a locked section closed the
+ *     fast path), or another thread than the agent's owner while the owner is inside
+ *     its Python fast path (``busy``);
  *   - a name, kind, key or string value not interned yet in ``agent.strings``;
  *   - a value that needs the coercion rules (anything but float, int within
  *     int64, bool, interned str).
@@ -37,7 +38,7 @@ static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
     *s_parent, *s_h_metric, *s_metric_py, *s_step_kw, *s_h_entity, *s_data_py, *s_entity_cls,
     *s_data_kind, *s_domain, *s_size, *s_mtime_ns, *s_fp, *s_h_relation, *s_attribute_py,
-    *s_metric_act_py;
+    *s_metric_act_py, *s_busy;
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -143,7 +144,14 @@ static int dict_i64(PyObject *dict, PyObject *key, long long *out) {
 static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
     long long fast_end;
     int r;
-    if (!st->has_owner || st->owner != PyThread_get_thread_ident()) return 0;
+    if (!st->has_owner) return 0;
+    if (st->owner != PyThread_get_thread_ident()) {
+        /* Another thread: this C write, done without releasing the GIL, is as atomic as
+         * the owner's, unless the owner is inside its Python fast path (``busy``: it read
+         * ``off`` and has not advanced it yet).  A locked section sets fast_end to 0. */
+        PyObject *busy = PyDict_GetItemWithError(st->dict, s_busy);  /* borrowed */
+        if (busy != Py_False) return busy == NULL && PyErr_Occurred() ? -1 : 0;
+    }
     if ((r = dict_i64(st->dict, s_fast_end, &fast_end)) <= 0) return r;
     if ((r = dict_i64(st->dict, s_off, off)) <= 0) return r;
     return *off + n * (long long)sizeof(record_t) <= fast_end;
@@ -1268,6 +1276,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
     INTERN(s_data_kind, "data"); INTERN(s_domain, "domain"); INTERN(s_size, "size");
     INTERN(s_mtime_ns, "mtime_ns"); INTERN(s_fp, "fp"); INTERN(s_h_relation, "h_relation");
     INTERN(s_attribute_py, "_attribute_py"); INTERN(s_metric_act_py, "_metric");
+    INTERN(s_busy, "busy");
     INTERN(s_agent, "_agent"); INTERN(s_fork_info, "_fork_info"); INTERN(s_start, "start"); INTERN(s_end, "end");
     INTERN(s_generated_py, "_generated"); INTERN(s_error, "error");
     if ((zero = PyLong_FromLong(0)) == NULL) return NULL;

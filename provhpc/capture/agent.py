@@ -184,8 +184,10 @@ class Agent:
 
     # ------------------------------------------------------------------ hot path
     # _sid/_put run between _enter() and _leave() (the lock, fast path closed);
-    # the owner thread's fast paths are write_flat, write and api.metric.  A
-    # record is complete in shared memory when the call that wrote it returns.
+    # the owner thread's Python fast paths are write_flat and write (``busy`` set
+    # around them); provhpc/capture/_fast.c writes from any thread, atomically under
+    # the GIL, and declines while ``busy`` is set or fast_end is 0.  A record is
+    # complete in shared memory when the call that wrote it returns.
     # There is no per-record count: a slot is zeroed before reuse, so a reader of
     # a dead rank's filling slot stops at the first record of kind 0.
     def _put(self, hdr: int, oid: int, ref: int, t: int, nid: int, sid: int, step: int,

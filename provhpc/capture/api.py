@@ -43,7 +43,7 @@ _METRIC, _V_FLOAT, _ATTRIBUTE = R.METRIC, R.V_FLOAT, R.ATTRIBUTE
 ROLE_ATTRIBUTE, ROLE_PARAMETER, ROLE_GENERATED = 0, 1, 2  # ``ref`` of ATTRIBUTE records
 
 _fast: Any  # the C module (no type stub: its functions are described in _fast.c)
-try:  # the owner thread's hot path of activities and values in C (provhpc/_fast.c)
+try:  # the hot path of activities and values in C (provhpc/capture/_fast.c)
     from . import _fast  # type: ignore[attr-defined,no-redef]
 except ImportError:  # not built (no compiler): the Python path below does the same
     _fast = None
