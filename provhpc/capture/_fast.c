@@ -916,6 +916,15 @@ static PyObject *fast_decorate(PyObject *module, PyObject *const *args, Py_ssize
  * Everything else (capture off, a value or step to coerce or to count as bad, a name not
  * interned yet, keywords, another thread, a full slot) is api._metric_py's. */
 
+/* The id of the current activity (0 outside any) into *out: 0, or -1 on error. */
+static int current_id(uint64_t *out) {
+    PyObject *cur = NULL;
+    if (PyContextVar_Get(current_var, NULL, &cur) < 0) return -1;
+    *out = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
+    Py_XDECREF(cur);
+    return *out == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* The step of metric(name, value[, step]) or metric(name, value, step=...): 1 and
  * *step_obj set (NULL: none given), 0 another call shape (the Python path's). */
 static int metric_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
@@ -956,14 +965,10 @@ static int metric_core(PyObject *agent, PyObject *owner, PyObject *name, PyObjec
     if ((r = string_id(st->strings, name, &nid)) <= 0) return r;
     uint64_t act;
     if (owner == NULL) {
-        PyObject *cur = NULL;
-        if (PyContextVar_Get(current_var, NULL, &cur) < 0) return -1;
-        act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
-        Py_XDECREF(cur);
-    } else {
-        act = PyLong_AsUnsignedLongLong(owner);
+        if (current_id(&act) < 0) return -1;
+    } else if ((act = PyLong_AsUnsignedLongLong(owner)) == (uint64_t)-1 && PyErr_Occurred()) {
+        return -1;
     }
-    if (act == (uint64_t)-1 && PyErr_Occurred()) return -1;
     record_t rec = {st->h_metric, act, 0, now_ns(), nid, 0, step, 0, PyFloat_AS_DOUBLE(value)};
     return commit(agent, st, off, &rec, 1) < 0 ? -1 : 1;
 }
@@ -1028,13 +1033,10 @@ static PyObject *fast_attribute(PyObject *self, PyObject *const *args, Py_ssize_
             long long off;
             int r = room(agent, st, 1, &off);
             if (r < 0) return NULL;
-            PyObject *cur = NULL;
             record_t rec;
-            if (r == 1 && PyContextVar_Get(current_var, NULL, &cur) < 0) return NULL;
+            uint64_t act;
             if (r == 1) {
-                uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
-                Py_XDECREF(cur);
-                if (act == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+                if (current_id(&act) < 0) return NULL;
                 r = value_record(st, act, ROLE_ATTRIBUTE, now_ns(), args[0], args[1], &rec);
                 if (r < 0) return NULL;
                 if (r == 1) {
@@ -1106,7 +1108,7 @@ static int has_path_char(PyObject *key) {
 
 static PyObject *fast_data(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames) {
-    PyObject *agent, *key, *kind = s_data_kind, *cur = NULL, *eid = NULL, *fp = NULL, *ent;
+    PyObject *agent, *key, *kind = s_data_kind, *eid = NULL, *fp = NULL, *ent;
     if (api_globals == NULL || nargs != 1) goto slow;
     if (kwnames != NULL) {  /* data(key, kind=...): the one keyword the fast path reads */
         if (PyTuple_GET_SIZE(kwnames) != 1) goto slow;
@@ -1169,10 +1171,8 @@ static PyObject *fast_data(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if ((eid = PyObject_CallNoArgs(st->next_id)) == NULL) return NULL;
     uint64_t id = PyLong_AsUnsignedLongLong(eid);
     if (id == (uint64_t)-1 && PyErr_Occurred()) goto error;
-    if (PyContextVar_Get(current_var, NULL, &cur) < 0) goto error;
-    uint64_t act = cur == NULL ? 0 : PyLong_AsUnsignedLongLong(cur);
-    Py_XDECREF(cur);
-    if (act == (uint64_t)-1 && PyErr_Occurred()) goto error;
+    uint64_t act;
+    if (current_id(&act) < 0) goto error;
     int64_t t = now_ns();
     recs[0].hdr = st->h_entity; recs[0].id = id; recs[0].ref = act; recs[0].t = t;
     recs[0].step = NO_STEP; recs[0].ival = 0; recs[0].fval = 0.0;
