@@ -217,7 +217,7 @@ def test_threads_racing_the_owner_lose_and_corrupt_nothing(tmp_path):
     sys_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows
     try:
-        with capture(tmp_path, slot_records=256, slots=32) as cap:
+        with capture(tmp_path, slot_records=256, slots=512) as cap:  # no backpressure
             def worker(k):
                 for i in range(n):
                     provhpc.metric(f"w{k}", float(i), step=i)  # C
