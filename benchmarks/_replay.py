@@ -32,7 +32,7 @@ import _common as C  # noqa: E402
 
 from provhpc.format import protocol as P  # noqa: E402
 from provhpc.format import records as R  # noqa: E402
-from provhpc.format.segment import SEALED, Segment, segment_name, shm_dir  # noqa: E402
+from provhpc.format import segment as S  # noqa: E402
 
 NAMES = [b"step", b"task", b"loss", b"lr", b"accuracy", b"grad_norm", b"tokens", b"batch"]
 STEP = 8  # records per step: start, five metrics (names 3..7), an int attribute (8), end
@@ -167,8 +167,8 @@ class Replay:
 
     def _hello(self, ctx, rank: int) -> dict:
         cfg = self.cfg
-        path = os.path.join(shm_dir(), segment_name(self.run_id, self.node, rank, self.pid))
-        seg = Segment.create(path, rank, cfg.slots, cfg.slot_records, cfg.slot_heap)
+        path = os.path.join(S.shm_dir(), S.segment_name(self.run_id, self.node, rank, self.pid))
+        seg = S.Segment.create(path, rank, cfg.slots, cfg.slot_records, cfg.slot_heap)
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"{rank}:{self.pid}".encode())
@@ -208,7 +208,7 @@ class Replay:
         count = len(data) // R.RECORD_SIZE
         seg.u32[slot * 8 + 1], seg.u32[slot * 8 + 2] = count, len(heap)
         seg.u64[slot * 4 + 2] = s["sent"]
-        seg.set_state(slot, SEALED)
+        seg.u32[slot * S.SLOT_U32 + S.T_STATE] = S.SEALED
         s["stored"] += len(sl.stored_first) if first else len(sl.stored_steady)
         s["sock"].send_multipart([P.BATCH, P.BATCH_FMT.pack(slot, s["sent"], count, len(heap))])
 
@@ -239,7 +239,7 @@ class Replay:
                     if frames[0] != P.ACK:
                         continue
                     slot, _seq = P.ACK_FMT.unpack(frames[1])
-                    s["seg"].set_state(slot, 0)
+                    s["seg"].u32[slot * S.SLOT_U32 + S.T_STATE] = S.FREE
                     s["free"].append(slot)
                     s["acked"] += 1
                     acked += 1
