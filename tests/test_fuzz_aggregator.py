@@ -210,7 +210,7 @@ def test_aggregator_takes_string_ids_up_to_the_bound(tmp_path):
     s = Stream(b"k", {"rank": 0, "pid": os.getpid()}, None, "inline")
     recs, heap = _batch(sids)
     agg._ingest(s, recs, heap, 0, 1)
-    agg.writer.flush()
+    agg._flush()  # the aggregator's flush: it writes the rows it gathered, then flushes
     bad = agg.writer.counters["malformed_frames"]
     agg.writer.close()
     # ids 0 and LOCAL_ID_LIMIT: each definition refused, plus one for the batch's

@@ -50,6 +50,7 @@ T_STATE, T_COUNT, T_HEAP_USED = 0, 1, 2  # u32 words
 T_SEQ, T_OPENED = 2, 3  # u64 words
 
 FREE, FILLING, SEALED = 0, 1, 2
+_KIND_OFFSET = int(dict(RECORD_DTYPE.fields or {})["kind"][1])  # byte of a record's kind
 
 
 def shm_dir() -> str:
@@ -161,11 +162,18 @@ class Segment:
     def seq(self, slot: int) -> int:
         return int(self.u64[slot * SLOT_U64 + T_SEQ])
 
-    def records(self, slot: int, count: int) -> np.ndarray:
-        """A copy of the first ``count`` records of ``slot``."""
+    def view(self, slot: int, count: int) -> np.ndarray:
+        """The first ``count`` records of ``slot``, read only, in place (no copy): valid
+        while the segment is mapped and the slot not reused."""
         count = min(count, self.layout.slot_records)
         off = self.layout.records_offset(slot)
-        return np.frombuffer(self.mm, RECORD_DTYPE, count=count, offset=off).copy()
+        recs = np.frombuffer(self.mm, RECORD_DTYPE, count=count, offset=off)
+        recs.flags.writeable = False
+        return recs
+
+    def records(self, slot: int, count: int) -> np.ndarray:
+        """A copy of the first ``count`` records of ``slot``."""
+        return self.view(slot, count).copy()
 
     def committed(self, slot: int) -> np.ndarray:
         """The records of ``slot`` whose API call returned.
@@ -180,11 +188,22 @@ class Segment:
         empty = np.flatnonzero(recs["kind"] == 0)
         return recs[: empty[0]] if len(empty) else recs
 
-    def zero(self, slot: int) -> None:
-        """Clear a slot's records before it is reused (the aggregator does it before acking)."""
+    def zero(self, slot: int, count: int | None = None) -> None:
+        """Clear a slot's records before it is reused (the aggregator does it before acking).
+
+        With ``count`` (the records the slot was sealed with) only those are cleared: the
+        rest are still zero from the slot's last clearing, as the rank writes records in
+        order from the first.  If the record after them is not empty (a rank that sealed
+        fewer than it wrote) the whole slot is cleared, so the rule above always holds.
+        """
         off = self.layout.records_offset(slot)
-        n = self.layout.slot_records * RECORD_SIZE
-        self.mm[off:off + n] = bytes(n)
+        total = self.layout.slot_records
+        if count is None or not 0 <= count < total or self._kind(off, count) != 0:
+            count = total
+        np.frombuffer(self.mm, np.uint8, count * RECORD_SIZE, off)[:] = 0
+
+    def _kind(self, off: int, i: int) -> int:
+        return int(self.mm[off + i * RECORD_SIZE + _KIND_OFFSET])
 
     def heap(self, slot: int, used: int) -> bytes:
         off = self.layout.heap_offset(slot)

@@ -29,7 +29,7 @@ from ..format import netkey
 from ..format import protocol as P
 from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
 from ..format.modes import remove_rendezvous_dirs, run_modes
-from ..format.partition import DISK_RESERVE, PartitionWriter
+from ..format.partition import DISK_RESERVE, RECORD_CHUNK, PartitionWriter
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
 from ..format.strings import StringMap, valid_definition
@@ -60,6 +60,10 @@ class Stream:
         self.closed = False
         self.last_seen = time.monotonic()
 
+
+# Rows the writer gathers before one h5py write (4 MiB): a burst of batches becomes a few
+# large writes, flushed once before its acks.
+STAGE_ROWS = 4 * RECORD_CHUNK
 
 BEAT_S = 2.0  # seconds between heartbeats written to the partition (see _beat)
 
@@ -92,6 +96,8 @@ class Aggregator:
         # successful flush, and why writing stopped ("" while it goes on).
         self._unflushed = 0
         self._since_flush: list = []
+        self._stage = np.zeros(STAGE_ROWS, RECORD_DTYPE)  # rows of the next write (_stage_for)
+        self._staged = self._staged_batches = 0
         self._mark: tuple | None = None
         self.stopped_writing = ""
         self.write_lost = 0
@@ -433,7 +439,7 @@ class Aggregator:
             if seq < s.expected_seq:  # a replay: already on disk, just free the slot again
                 self.writer.counters["replayed_batches"] += 1
                 return sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
-            recs, heap = seg.records(slot, count), seg.heap(slot, heap_used)
+            recs, heap = seg.view(slot, count), seg.heap(slot, heap_used)
         else:
             if len(inline) != 2 or len(inline[0]) != count * RECORD_SIZE \
                     or len(inline[1]) != heap_used:
@@ -441,14 +447,14 @@ class Aggregator:
             if seq < s.expected_seq:
                 self.writer.counters["replayed_batches"] += 1
                 return sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)])
-            recs = np.frombuffer(inline[0], RECORD_DTYPE).copy()
+            recs = np.frombuffer(inline[0], RECORD_DTYPE)  # read only: _ingest copies it
             heap = bytes(inline[1])
         if seq > s.expected_seq:
             self.writer.counters["sequence_gaps"] += 1
             log.warning("rank %d: batches %d..%d missing", s.rank, s.expected_seq, seq - 1)
         s.expected_seq = seq + 1
         self._ingest(s, recs, heap, 0, seq)
-        self._acks.append((sock, key, s, slot, seq))  # sent by _commit, after the flush
+        self._acks.append((sock, key, s, slot, seq, count))  # sent by _commit, after the flush
 
     def _commit(self) -> None:
         """Flush once for a burst of batches, then free their slots and acknowledge them.
@@ -460,9 +466,9 @@ class Aggregator:
             return
         self._flush()
         acks, self._acks = self._acks, []
-        for sock, key, s, slot, seq in acks:
+        for sock, key, s, slot, seq, count in acks:
             if s.mode == "shm" and not s.closed:
-                s.seg.zero(slot)
+                s.seg.zero(slot, count)
             try:
                 sock.send_multipart([key, P.ACK, P.ACK_FMT.pack(slot, seq)], zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -496,27 +502,67 @@ class Aggregator:
                 self.writer.map_string(s.rank, s.pid, sid, gid)
             recs = recs[~is_str]
         if not len(recs):
-            self.writer.note_batch(s.rank, s.pid, seq, self.writer.nrecords, 0, flags)
+            self.writer.note_batch(s.rank, s.pid, seq, self.writer.nrecords + self._staged, 0,
+                                   flags)
             return
+        n = len(recs)
+        start = self.writer.nrecords + self._staged
+        try:
+            rows = self._stage_for(n)
+        except (OSError, RuntimeError) as exc:  # disk full, read-only: count, keep serving
+            self._write_failed(exc)
+            return self._lose(s, n)
+        # The rows are fixed in the copy: ``recs`` may be the slot in shared memory, which
+        # stays as the rank wrote it until it is acknowledged (a salvage reads it again).
+        rows[...] = recs
         # a string the stream never defined becomes the empty one: the record is kept
-        recs["name"], bad_names = s.smap.remap(recs["name"])
-        recs["sval"], bad_svals = s.smap.remap(recs["sval"])
+        rows["name"], bad_names = s.smap.remap(recs["name"])
+        rows["sval"], bad_svals = s.smap.remap(recs["sval"])
         if bad_names or bad_svals:
             self.writer.counters["malformed_frames"] += 1
-        recs["rank"] = s.rank  # the stream's rank, whatever the frame claims
+        rows["rank"] = s.rank  # the stream's rank, whatever the frame claims
         if flags:
-            recs["flags"] |= flags
-        start = self.writer.nrecords
-        try:
-            self.writer.append(recs)
-            self.writer.note_batch(s.rank, s.pid, seq, start, len(recs), flags)
-        except (OSError, RuntimeError) as exc:  # disk full, read-only: count, keep serving
-            self.writer.counters["write_errors"] += 1
-            self._stop_writing(f"a write failed: {exc}")
-            return self._lose(s, len(recs))
-        s.records += len(recs)
+            rows["flags"] |= flags
+        if n <= len(self._stage):  # rows is the stage's next n rows
+            self._staged += n  # written with the stage: at the next _flush at the latest
+            self._staged_batches += 1
+        else:  # larger than the stage: a write of its own
+            try:
+                self.writer.append(rows)
+            except (OSError, RuntimeError) as exc:
+                self._write_failed(exc)
+                return self._lose(s, n)
+        self.writer.note_batch(s.rank, s.pid, seq, start, n, flags)
+        s.records += n
         self._unflushed += recs.nbytes + len(heap)
-        self._since_flush.append((s, len(recs)))
+        self._since_flush.append((s, n))
+
+    # A burst of batches is gathered in ``_stage`` and appended with one h5py write (one
+    # resize + write per STAGE_ROWS rows instead of one per batch), always before the
+    # flush that precedes the acks; the rows have their final positions (nrecords +
+    # staged) from the start, so their batch notes are right.
+    def _stage_for(self, n: int) -> np.ndarray:
+        """Where ``n`` rows go: the stage's next rows (written out first if they do not
+        fit), or an array of their own when they are more than the whole stage."""
+        if n > len(self._stage):
+            self._write_stage()
+            return np.empty(n, RECORD_DTYPE)
+        if self._staged + n > len(self._stage):
+            self._write_stage()
+        return self._stage[self._staged:self._staged + n]
+
+    def _write_stage(self) -> None:
+        if not self._staged:
+            return
+        rows, batches = self._stage[:self._staged], self._staged_batches
+        self._staged = self._staged_batches = 0
+        self.writer.append(rows)
+        self.writer.counters["batches"] += batches - 1  # the counter counts batches
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """A write failed: everything appended or staged since the last flush is gone."""
+        self.writer.counters["write_errors"] += 1
+        self._undo_unflushed(f"a write failed: {exc}")
 
     def _intern(self, data: bytes, flags: int) -> int:
         try:
@@ -527,6 +573,7 @@ class Aggregator:
 
     def _flush(self) -> None:
         try:
+            self._write_stage()
             self.writer.flush()
         except (OSError, RuntimeError) as exc:
             self.writer.counters["write_errors"] += 1
@@ -615,6 +662,7 @@ class Aggregator:
 
     def _undo_unflushed(self, why: str) -> None:
         lost, self._since_flush, self._unflushed = self._since_flush, [], 0
+        self._staged = self._staged_batches = 0
         self._stop_writing(why)
         if self._mark is not None:
             try:
@@ -645,6 +693,11 @@ class Aggregator:
     # ------------------------------------------------------------------ telemetry
     def _sample_telemetry(self, streams) -> None:
         if self.telemetry is None:
+            return
+        try:
+            self._write_stage()  # the samples' rows come after the staged ones
+        except (OSError, RuntimeError) as exc:
+            self._write_failed(exc)
             return
         try:
             self.telemetry.sample(streams)
