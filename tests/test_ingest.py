@@ -100,3 +100,18 @@ def test_a_failed_write_counts_every_record_since_the_last_flush(tmp_path):
     with h5py.File(agg.path, "r") as f:
         assert f["records"].shape == (100,)
         assert f["records"]["step"].tolist() == list(range(100))
+
+
+def test_remap_of_small_ids_matches_the_general_path():
+    from provhpc.format.strings import StringMap
+
+    m = StringMap()
+    m.define(3, 30)
+    m.define(7, 70)
+    small = np.array([0, 3, 4, 7, 3], "<u4")  # all below the dense table: the fast path
+    ids, unknown = m.remap(small)
+    assert ids.tolist() == [0, 30, 0, 70, 30] and unknown == 1 and ids.dtype == np.dtype("<u4")
+    wide = np.array([0, 3, 4, 7, 3, 2**32 - 1], "<u4")  # one id beyond it: the general path
+    ids, unknown = m.remap(wide)
+    assert ids.tolist() == [0, 30, 0, 70, 30, 0] and unknown == 2
+    assert m.remap(np.zeros(0, "<u4"))[0].tolist() == []

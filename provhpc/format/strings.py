@@ -62,7 +62,16 @@ class StringMap:
     def remap(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
         """The partition ids of the rank-local ``ids``, and how many were never defined
         (those become 0, the empty string: the record is kept, its string is lost)."""
-        ids = np.asarray(ids, np.int64)
+        ids = np.asarray(ids)
+        dense = self._dense
+        if len(ids) and 0 <= int(ids.min()) and int(ids.max()) < len(dense):  # the usual case
+            out = dense.take(ids)
+            unknown = out < 0
+            n_unknown = int(unknown.sum())
+            if n_unknown:
+                out[unknown] = EMPTY
+            return out.astype("<u4"), n_unknown
+        ids = ids.astype(np.int64)
         out = np.full(len(ids), -1, np.int64)
         small = (ids >= 0) & (ids < len(self._dense))
         out[small] = self._dense[ids[small]]

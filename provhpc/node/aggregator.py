@@ -514,7 +514,8 @@ class Aggregator:
             return self._lose(s, n)
         # The rows are fixed in the copy: ``recs`` may be the slot in shared memory, which
         # stays as the rank wrote it until it is acknowledged (a salvage reads it again).
-        rows[...] = recs
+        # bytes, not fields: numpy copies a structured array field by field (30x slower)
+        rows.view(np.uint8)[...] = np.ascontiguousarray(recs).view(np.uint8)
         # a string the stream never defined becomes the empty one: the record is kept
         rows["name"], bad_names = s.smap.remap(recs["name"])
         rows["sval"], bad_svals = s.smap.remap(recs["sval"])
