@@ -329,11 +329,11 @@ def raw_h5py(batches: list, compression: str, work: str, flush_each: bool = True
 # (file, function) as cProfile names them.  "own" rows are a function's own time.
 STEPS = [
     ("receive frames (zmq)", "cum", "socket.py", "recv_multipart"),
-    ("copy the slot out of shared memory", "cum", "segment.py", "records"),
-    ("string remap, rank column, checks (own time of _ingest)", "own", "aggregator.py",
-     "_ingest"),
+    ("copy into the stage, string remap, rank column (own time of _ingest)", "own",
+     "aggregator.py", "_ingest"),
     ("free-space check (statvfs)", "cum", "partition.py", "room"),
-    ("append: resize + write (h5py)", "cum", "partition.py", "append"),
+    ("append: resize + write (h5py), once per stage of batches", "cum", "partition.py",
+     "append"),
     ("flush: batch table, counters, H5Fflush", "cum", "partition.py", "flush"),
     ("zero the slot", "cum", "segment.py", "zero"),
     ("send acks (zmq)", "cum", "socket.py", "send_multipart"),
