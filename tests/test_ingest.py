@@ -115,3 +115,12 @@ def test_remap_of_small_ids_matches_the_general_path():
     ids, unknown = m.remap(wide)
     assert ids.tolist() == [0, 30, 0, 70, 30, 0] and unknown == 2
     assert m.remap(np.zeros(0, "<u4"))[0].tolist() == []
+
+
+def test_zero_of_an_empty_sealed_slot_clears_nothing_else(tmp_path):
+    seg = _segment(tmp_path)
+    try:
+        seg.zero(0, 0)  # a slot sealed with only strings' heap, or nothing
+        assert not seg.view(0, 8).tobytes().strip(b"\0")
+    finally:
+        seg.close(unlink=True)

@@ -829,6 +829,8 @@ class Aggregator:
         for s in self.streams.values():
             if not s.closed:
                 self._salvage(s, "terminated")
+        if self._staged:  # every ingest path flushes; this is the guard that none is missed
+            self._flush()
         try:
             self.writer.close({"complete_reason": "all ranks closed",
                                "drop_reasons": list(DROP_REASONS)})
