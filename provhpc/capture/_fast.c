@@ -429,15 +429,26 @@ static int capture_off(void) {
     return info == Py_None;
 }
 
+/* Every key of ``values`` (a dict, or None) is a non-empty str: what api._check_keys
+ * asks with capture off (1); 0: the Python path raises for it. */
+static int keys_ok(PyObject *values) {
+    if (values == Py_None) return 1;
+    if (!PyDict_CheckExact(values)) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(values, &pos, &key, &value))
+        if (!PyUnicode_CheckExact(key) || PyUnicode_GET_LENGTH(key) == 0) return 0;
+    return 1;
+}
+
 static PyObject *act_enter(Activity *self, PyObject *unused) {
     PyObject *agent = api_agent();
     if (agent == NULL && PyErr_Occurred()) return NULL;
-    if (agent == NULL && self->token == Py_None && self->id == zero &&
-        (self->params == Py_None || (PyDict_CheckExact(self->params) &&
-                                     PyDict_GET_SIZE(self->params) == 0)) &&
+    if (agent == NULL && self->token == Py_None && self->id == zero && keys_ok(self->params) &&
         (self->inputs == Py_None || (PyList_CheckExact(self->inputs) &&
                                      PyList_GET_SIZE(self->inputs) == 0))) {
-        /* capture off, nothing to check (start() checks params and inputs for misuse) */
+        /* capture off, nothing wrong with the parameters' names and no inputs to check
+         * (start() checks both for misuse, as with capture on) */
         int off = capture_off();  /* then start() is a no-op that marks the activity */
         if (off < 0) return NULL;
         if (off) {
@@ -497,10 +508,9 @@ static PyObject *act_exit(Activity *self, PyObject *const *args, Py_ssize_t narg
 }
 
 static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs) {
-    if (self->id == zero && PyTuple_GET_SIZE(args) == 0 &&
-        (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0)) {
-        /* not started, or capture off, and nothing given: nothing to relate or check
-         * (otherwise _generated checks for misuse, as with capture on) */
+    if (self->id == zero && PyTuple_GET_SIZE(args) == 0 && (kwargs == NULL || keys_ok(kwargs))) {
+        /* not started, or capture off, and no entities: nothing to relate, and the values'
+         * names are fine (otherwise _generated checks for misuse, as with capture on) */
         Py_INCREF(self);
         return (PyObject *)self;
     }
@@ -1046,6 +1056,10 @@ static PyObject *fast_attribute(PyObject *self, PyObject *const *args, Py_ssize_
             }
         } else if (PyErr_Occurred()) {
             return NULL;
+        } else if (PyUnicode_CheckExact(args[0]) && PyUnicode_GET_LENGTH(args[0]) > 0) {
+            int off = capture_off();  /* a well-named attribute with capture off: nothing */
+            if (off < 0) return NULL;
+            if (off) Py_RETURN_NONE;
         }
     }
     PyObject *py = python_path(s_attribute_py);
