@@ -1033,34 +1033,35 @@ static PyObject *act_metric(Activity *self, PyObject *const *args, Py_ssize_t na
 
 /* attribute(name, value): one plain value (float, int within int64, bool, interned str)
  * of the current activity, as api._attribute_py writes it; the rest is Python's. */
+/* The ATTRIBUTE record of (name, value) of the current activity: 1 written, 0 fall back
+ * (nothing changed), -1 error. */
+static int attribute_core(PyObject *agent, PyObject *name, PyObject *value) {
+    state_t *st = state_of(agent);
+    if (st == NULL) return -1;
+    long long off;
+    uint64_t act;
+    record_t rec;
+    int r;
+    if ((r = room(agent, st, 1, &off)) <= 0) return r;
+    if (current_id(&act) < 0) return -1;
+    if ((r = value_record(st, act, ROLE_ATTRIBUTE, now_ns(), name, value, &rec)) <= 0) return r;
+    return commit(agent, st, off, &rec, 1) < 0 ? -1 : 1;
+}
+
 static PyObject *fast_attribute(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
                                 PyObject *kwnames) {
-    PyObject *agent;
     if (api_globals != NULL && kwnames == NULL && nargs == 2) {
-        if ((agent = api_agent()) != NULL) {
-            state_t *st = state_of(agent);
-            if (st == NULL) return NULL;
-            long long off;
-            int r = room(agent, st, 1, &off);
-            if (r < 0) return NULL;
-            record_t rec;
-            uint64_t act;
-            if (r == 1) {
-                if (current_id(&act) < 0) return NULL;
-                r = value_record(st, act, ROLE_ATTRIBUTE, now_ns(), args[0], args[1], &rec);
-                if (r < 0) return NULL;
-                if (r == 1) {
-                    if (commit(agent, st, off, &rec, 1) < 0) return NULL;
-                    Py_RETURN_NONE;
-                }
-            }
-        } else if (PyErr_Occurred()) {
+        PyObject *agent = api_agent();
+        int r;
+        if (agent != NULL)
+            r = attribute_core(agent, args[0], args[1]);
+        else if (PyErr_Occurred())
             return NULL;
-        } else if (PyUnicode_CheckExact(args[0]) && PyUnicode_GET_LENGTH(args[0]) > 0) {
-            int off = capture_off();  /* a well-named attribute with capture off: nothing */
-            if (off < 0) return NULL;
-            if (off) Py_RETURN_NONE;
-        }
+        else  /* capture off: a well-named attribute is nothing to do */
+            r = PyUnicode_CheckExact(args[0]) && PyUnicode_GET_LENGTH(args[0]) > 0
+                    ? capture_off() : 0;
+        if (r < 0) return NULL;
+        if (r == 1) Py_RETURN_NONE;
     }
     PyObject *py = python_path(s_attribute_py);
     return py == NULL ? NULL : PyObject_Vectorcall(py, args, (size_t)nargs, kwnames);
