@@ -37,18 +37,34 @@ __all__ = [
 ]
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, since_ns: int = 0) -> bool:
+    """Is process ``pid`` alive (not a zombie)?  With ``since_ns``: and is it the process
+    that was alive then, not a later one given the same pid (it started before)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
         return True
-    try:  # a zombie is gone
+    try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z":  # a zombie is gone
+            return False
+        if since_ns:
+            started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+            return started <= since_ns / 1e9 + 2.0  # btime is whole seconds
         return True
+    except (OSError, IndexError, ValueError):
+        return True
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise ValueError("no btime in /proc/stat")
 
 
 class PartitionError(OSError):
@@ -369,7 +385,8 @@ class Run(_Tables):
         while its aggregator ran, else ``lost`` if no one wrote an end (the aggregators died
         too), else ``ended`` (no final status was written).  ``end()`` says more."""
         status = self.manifest.get("status")
-        if status not in (None, "running") or self.live or self._a_rank_runs_here():
+        if status not in (None, "running") or self.live or \
+                self._a_rank_runs_here(finishing=status == "running"):
             return status or "running"
         ranks = [r["status"] for r in self.ranks() if r["role"] == "rank"]
         if "error" in ranks:
@@ -494,15 +511,25 @@ class Run(_Tables):
                 "exit_code": next(r["exit_code"] for r in ranks if r["exit_code"] != 0),
                 "exception": "", "message": "", "where": ""}
 
-    def _a_rank_runs_here(self) -> bool:
+    def _a_rank_runs_here(self, finishing: bool = False) -> bool:
         """A rank said to be running whose process is alive on this host (its aggregator
-        may be gone while the job goes on)."""
-        here = socket.gethostname()
+        may be gone while the job goes on), or, with ``finishing`` (the manifest says
+        running), rank 0 still finishing: it said goodbye and waits for its aggregator
+        before it writes the manifest's end.  Rank 0 finishes while its process lives (seen
+        on its own host) or, seen from another host, for ``LIVE_WINDOW_S`` after its
+        goodbye."""
+        here, now = socket.gethostname(), time.time_ns()
         for p in self.partitions:
-            if p.f.attrs.get("writer_host") != here:
-                continue
+            writer = p.f.attrs.get("writer_host")
             for r in p.ranks():
-                if r["status"].decode() == "running" and _pid_alive(int(r["pid"])):
+                said = r["status"].decode()
+                if r["role"].decode() != "rank" or \
+                        (said != "running" and not (finishing and r["rank"] == 0)):
+                    continue
+                if (r["host"].decode() or writer) == here:
+                    if _pid_alive(int(r["pid"]), int(r["start"])):
+                        return True
+                elif said != "running" and now - int(r["end"]) < LIVE_WINDOW_S * 1e9:
                     return True
         return False
 
