@@ -3,8 +3,9 @@
 Real ``mpiexec -n 2`` jobs, real signals: one that completes, one whose rank 1 raises
 (failed: rank, exit code, exception, message, the last frame of the traceback), one whose
 rank 1 SIGKILLs itself (killed: rank 1 first, as the aggregator saw it), one killed
-whole, aggregator included (lost), and a rank that gets SIGTERM twice, the second during
-its shutdown (terminated: it said goodbye).  None of them reads as ``running`` afterwards.
+whole, aggregator included (lost), a rank that gets SIGTERM twice, the second during
+its shutdown (terminated: it said goodbye), and SIGTERM or SIGINT to the wrapper of a
+command or a Python program (terminated).  None of them reads as ``running`` afterwards.
 """
 
 from __future__ import annotations
@@ -160,3 +161,38 @@ def test_a_second_sigterm_during_the_shutdown_is_ignored(venv_bin, clean_env, tm
     finally:
         kill_tree(proc)
         remove_segments("terminated")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("what", ["command", "python"])
+def test_a_signal_to_the_wrapper_ends_the_run_terminated(venv_bin, clean_env, tmp_path, sig,
+                                                         what):
+    """SIGTERM or SIGINT to ``provhpc run`` (as a launcher passes it on): a command of its
+    own (a shell here) gets it forwarded, a Python program unwinds; either way the run
+    ends ``terminated`` with the shell's exit code 128 + N, not ``error`` or ``ok``."""
+    mark = tmp_path / "started"
+    if what == "command":
+        cmd = ["sh", "-c", f"touch {mark}; exec sleep 60"]
+    else:
+        cmd = [os.path.join(venv_bin, "python"), "-c",
+               f"import time; open({str(mark)!r}, 'w').close(); time.sleep(60)"]
+    env = {**clean_env, "PROVHPC_RUNTIME_DIR": str(tmp_path / "rt"), "PROVHPC_RUN_ID": what}
+    proc = subprocess.Popen([os.path.join(venv_bin, "provhpc"), "run", "-o",
+                             str(tmp_path / "prov"), "--", *cmd], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)  # the Python program is in its sleep
+        proc.send_signal(sig)  # to the wrapper only, not its process group
+        assert proc.wait(30) == 128 + sig
+        s = _settled(venv_bin, clean_env, str(tmp_path / "prov" / what))
+        assert s["status"] == "terminated" and s["end"]["state"] == "terminated", s["end"]
+        (rank,) = [r for r in s["ranks"] if r["role"] == "rank"]
+        assert (rank["status"], rank["exit_code"]) == ("terminated", 128 + sig), rank
+    finally:
+        kill_tree(proc)
+        remove_segments(what)

@@ -154,8 +154,9 @@ def run(cmd: list[str], out=None) -> int:
             print(exc.code, file=sys.stderr)
         if code:
             status, error = ("terminated" if code == 143 else "error"), exc
-    except KeyboardInterrupt as exc:
-        status, code, error = "error", 130, exc
+    except KeyboardInterrupt as exc:  # SIGINT: Ctrl-C, or the launcher passing it on
+        traceback.print_exc()  # as Python prints it without the wrapper
+        status, code, error = "terminated", 130, exc
     except BaseException as exc:  # noqa: B902 - the program's failure becomes our exit status
         traceback.print_exc()
         status, code, error = "error", 1, exc
@@ -200,8 +201,35 @@ def _run_subprocess(cmd: list[str], s) -> int:
         if s is not None:
             _session.shutdown("error", code)
         return code
-    signal.signal(signal.SIGTERM, lambda n, f: proc.send_signal(n))
+    got: list[int] = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        if signum == signal.SIGINT and _in_terminal_foreground():
+            return  # Ctrl-C reached the child itself, from the terminal
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     code = proc.wait()
+    code = code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
     if s is not None:
-        _session.shutdown("ok" if code == 0 else "error", code)
-    return code if code >= 0 else 128 - code
+        status = "ok" if code == 0 else "terminated" if got else "error"
+        _session.shutdown(status, code)
+    return code
+
+
+def _in_terminal_foreground() -> bool:
+    """Is this process in the foreground process group of its terminal (where Ctrl-C
+    signals the whole group, the child included)?"""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
