@@ -167,7 +167,8 @@ def run(cmd: list[str], out=None) -> int:
         # code is the program's, as without capture; the run is the parent's to end.
         return code
     if s is not None:
-        _stopping = True  # a SIGTERM from here on must not interrupt the shutdown
+        _stopping = True  # a SIGTERM from here on must not interrupt the shutdown,
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # nor a second Ctrl-C
         signal.set_wakeup_fd(-1)  # before shutdown closes the pipe
         _session.shutdown(status, code, error)
         if status == "terminated":
