@@ -34,7 +34,7 @@ typedef struct {
     double fval;
 } record_t;
 
-static PyObject *s_owner, *s_fast_end, *s_off, *s_mm, *s_strings, *s_h_attr, *s_h_start,
+static PyObject *s_owner, *s_cursor, *s_mm, *s_strings, *s_h_attr, *s_h_start,
     *s_h_end, *s_next_id, *s_open_activities, *s_name, *s_kind, *s_index, *s_params, *s_id,
     *s_parent, *s_h_metric, *s_metric_py, *s_step_kw, *s_h_entity, *s_data_py, *s_entity_cls,
     *s_data_kind, *s_domain, *s_size, *s_mtime_ns, *s_fp, *s_h_relation, *s_attribute_py,
@@ -70,6 +70,8 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
  * reference, so a new agent is never mistaken for a freed one at the same address). */
 typedef struct {
     PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
+    Py_buffer cursor_view;  /* agent.cursor, held: the array cannot be resized under it */
+    long long *cursor;      /* [0] off, [1] fast_end, read and written in place */
     uint64_t h_start, h_end, h_metric, h_entity, h_relation, h_attr[5];
     unsigned long owner;
     int has_owner;
@@ -78,6 +80,10 @@ typedef struct {
 static state_t cached;
 
 static void state_clear(state_t *st) {
+    if (st->cursor != NULL) {
+        PyBuffer_Release(&st->cursor_view);
+        st->cursor = NULL;
+    }
     Py_CLEAR(st->agent); Py_CLEAR(st->strings); Py_CLEAR(st->mm); Py_CLEAR(st->next_id);
     Py_CLEAR(st->opened); Py_CLEAR(st->dict);
 }
@@ -85,14 +91,23 @@ static void state_clear(state_t *st) {
 static state_t *state_of(PyObject *agent) {
     if (cached.agent == agent) return &cached;
     state_t st = {0};
-    PyObject *h = NULL, *owner = NULL;
+    PyObject *h = NULL, *owner = NULL, *cursor = NULL;
     Py_INCREF(agent);
     st.agent = agent;
+    if ((cursor = PyObject_GetAttr(agent, s_cursor)) == NULL) goto fail;
+    if (PyObject_GetBuffer(cursor, &st.cursor_view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        goto fail;
+    st.cursor = (long long *)st.cursor_view.buf;
+    if (st.cursor_view.itemsize != 8 || st.cursor_view.len < 16 ||
+        st.cursor_view.format == NULL || strcmp(st.cursor_view.format, "q") != 0) {
+        PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.cursor");
+        goto fail;
+    }
     if ((st.strings = PyObject_GetAttr(agent, s_strings)) == NULL) goto fail;
     if ((st.mm = PyObject_GetAttr(agent, s_mm)) == NULL) goto fail;
     if ((st.next_id = PyObject_GetAttr(agent, s_next_id)) == NULL) goto fail;
     if ((st.opened = PyObject_GetAttr(agent, s_open_activities)) == NULL) goto fail;
-    /* _off and fast_end change all the time: read and written in the instance dict */
+    /* busy changes all the time: read in the instance dict */
     if ((st.dict = PyObject_GenericGetDict(agent, NULL)) == NULL) goto fail;
     if (!PyDict_CheckExact(st.strings) || !PyDict_CheckExact(st.opened)) {
         PyErr_SetString(PyExc_TypeError, "provhpc.capture._fast: agent.strings/open_activities");
@@ -120,30 +135,20 @@ static state_t *state_of(PyObject *agent) {
     }
     Py_DECREF(h);
     Py_DECREF(owner);
+    Py_DECREF(cursor);
     state_clear(&cached);
     cached = st;
     return &cached;
 fail:
     Py_XDECREF(h);
     Py_XDECREF(owner);
+    Py_XDECREF(cursor);
     state_clear(&st);
     return NULL;
 }
 
 /* The owner thread may write n records at the agent's current offset: 1 and *off set; 0 no. */
-static int dict_i64(PyObject *dict, PyObject *key, long long *out) {
-    PyObject *v = PyDict_GetItemWithError(dict, key);  /* borrowed */
-    if (v == NULL) return PyErr_Occurred() ? -1 : 0;
-    if (!PyLong_CheckExact(v)) return 0;
-    int overflow = 0;
-    *out = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (*out == -1 && PyErr_Occurred()) return -1;
-    return overflow ? 0 : 1;
-}
-
 static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
-    long long fast_end;
-    int r;
     if (!st->has_owner) return 0;
     if (st->owner != PyThread_get_thread_ident()) {
         /* Another thread: this C write, done without releasing the GIL, is as atomic as
@@ -152,12 +157,11 @@ static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
         PyObject *busy = PyDict_GetItemWithError(st->dict, s_busy);  /* borrowed */
         if (busy != Py_False) return busy == NULL && PyErr_Occurred() ? -1 : 0;
     }
-    if ((r = dict_i64(st->dict, s_fast_end, &fast_end)) <= 0) return r;
-    if ((r = dict_i64(st->dict, s_off, off)) <= 0) return r;
-    return *off + n * (long long)sizeof(record_t) <= fast_end;
+    *off = st->cursor[0];
+    return *off + n * (long long)sizeof(record_t) <= st->cursor[1];
 }
 
-/* Copy the records into the segment at ``off`` and advance ``agent._off``. */
+/* Copy the records into the segment at ``off`` and advance the agent's ``off`` (cursor[0]). */
 static int commit(PyObject *agent, state_t *st, long long off, const record_t *recs,
                   Py_ssize_t n) {
     Py_buffer view;
@@ -170,11 +174,8 @@ static int commit(PyObject *agent, state_t *st, long long off, const record_t *r
     }
     memcpy((char *)view.buf + off, recs, (size_t)size);
     PyBuffer_Release(&view);
-    PyObject *end = PyLong_FromLongLong(off + size);
-    if (end == NULL) return -1;
-    int r = PyDict_SetItem(st->dict, s_off, end);
-    Py_DECREF(end);
-    return r;
+    st->cursor[0] = off + size;
+    return 0;
 }
 
 /* The attribute record of one (key, value) into *r: 1 written, 0 fall back, -1 error. */
@@ -1280,7 +1281,7 @@ PyMODINIT_FUNC PyInit__fast(void) {
         return NULL;
     }
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
-    INTERN(s_owner, "owner"); INTERN(s_fast_end, "fast_end"); INTERN(s_off, "off");
+    INTERN(s_owner, "owner"); INTERN(s_cursor, "cursor");
     INTERN(s_mm, "mm"); INTERN(s_strings, "strings"); INTERN(s_h_attr, "h_attr");
     INTERN(s_h_start, "h_start"); INTERN(s_h_end, "h_end"); INTERN(s_next_id, "next_id");
     INTERN(s_open_activities, "open_activities"); INTERN(s_name, "name");

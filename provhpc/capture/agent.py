@@ -10,6 +10,7 @@ it is never held across I/O or while waiting for the aggregator.
 
 from __future__ import annotations
 
+import array
 import atexit
 import itertools
 import logging
@@ -91,6 +92,8 @@ class Agent:
     ``fast_end``        the fast path may write records while ``off`` < fast_end;
                         0 while a locked section runs
     ``off``             the byte offset of the next record in the segment
+    ``cursor``          ``off`` and ``fast_end`` themselves: an ``array('q')`` of the
+                        two, which C reads and writes in place (no int objects)
     ``mm``              the segment's memory map
     ``pack``            ``RECORD_HDR.pack_into`` (one 64-byte record)
     ``strings``         the interned strings: text -> string id
@@ -103,7 +106,8 @@ class Agent:
     the write and advances ``off``; everything else goes through ``write``.
     """
 
-    HOT_PATH = ("owner", "busy", "fast_end", "off", "mm", "pack", "strings", "h_metric",
+    HOT_PATH = ("owner", "busy", "fast_end", "off", "cursor", "mm", "pack", "strings",
+                "h_metric",
                 "h_start", "h_end", "h_entity", "h_relation", "h_attr", "next_id",
                 "open_activities")
 
@@ -140,6 +144,7 @@ class Agent:
         self._acquire, self._unlock = self._lock.acquire, self._lock.release
         self._slot_freed = threading.Condition(self._lock)
         self._free = deque(range(lay.slots))
+        self.cursor = array.array("q", [0, 0])  # off, fast_end (see the properties)
         self._slot, self._base, self.off, self._end = -1, 0, 0, 0
         # The owner thread (the one that started the agent) writes without the lock
         # while ``off < fast_end``; every locked section first sets fast_end = 0 and
@@ -192,13 +197,14 @@ class Agent:
     # a dead rank's filling slot stops at the first record of kind 0.
     def _put(self, hdr: int, oid: int, ref: int, t: int, nid: int, sid: int, step: int,
              ival: int, fval: float) -> None:
-        off = self.off
+        cursor = self.cursor
+        off = cursor[0]
         if off >= self._end:
             if not self._rotate():
                 raise Dropped
-            off = self.off
+            off = cursor[0]
         self.pack(self.mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
-        self.off = off + RECORD_SIZE
+        cursor[0] = off + RECORD_SIZE
 
     def _sid(self, text: str) -> int:
         sid = self.strings.get(text)
@@ -221,8 +227,9 @@ class Agent:
             strings = self.strings
             self.busy = True
             try:
-                off = self.off
-                if off + len(rows) * RECORD_SIZE <= self.fast_end:
+                cursor = self.cursor
+                off = cursor[0]
+                if off + len(rows) * RECORD_SIZE <= cursor[1]:
                     pack, mm = self.pack, self.mm
                     for i, (hdr, oid, ref, t, name, sval, step, ival, fval) in enumerate(rows):
                         nid = 0 if name is None else strings.get(name)
@@ -232,7 +239,7 @@ class Agent:
                             break
                         pack(mm, off, hdr, oid, ref, t, nid, sid, step, ival, fval)
                         off += RECORD_SIZE
-                        self.off = off
+                        cursor[0] = off
                     else:
                         return True
             finally:
@@ -260,18 +267,38 @@ class Agent:
             return False
         self.busy = True
         try:
-            off = self.off
+            cursor = self.cursor
+            off = cursor[0]
             end = off + n * RECORD_SIZE
-            if end > self.fast_end:
+            if end > cursor[1]:
                 return False
             pack = _PACKERS.get(n)
             if pack is None:
                 pack = _PACKERS[n] = struct.Struct("<" + RECORD_HDR.format[1:] * n).pack_into
             pack(self.mm, off, *flat)
-            self.off = end
+            cursor[0] = end
             return True
         finally:
             self.busy = False
+
+    @property
+    def off(self) -> int:
+        """The byte offset of the next record in the segment (``cursor[0]``)."""
+        return self.cursor[0]
+
+    @off.setter
+    def off(self, value: int) -> None:
+        self.cursor[0] = value
+
+    @property
+    def fast_end(self) -> int:
+        """The fast path may write while ``off`` is below it; 0 while a locked section runs
+        (``cursor[1]``)."""
+        return self.cursor[1]
+
+    @fast_end.setter
+    def fast_end(self, value: int) -> None:
+        self.cursor[1] = value
 
     def count_drop(self, n: int = 1) -> None:
         """Count records that found no slot: backpressure, or no aggregator at all."""

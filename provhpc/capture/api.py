@@ -376,10 +376,11 @@ def metric(name: str, value: Any, step: Any = None) -> None:
         if nid is not None:
             a.busy = True
             try:
-                off = a.off
-                if off < a.fast_end:
+                cursor = a.cursor
+                off = cursor[0]
+                if off < cursor[1]:
                     a.pack(a.mm, off, a.h_metric, act, 0, t, nid, 0, step, 0, value)
-                    a.off = off + 64
+                    cursor[0] = off + 64
                     return
             except struct.error:  # an int step beyond int64 (nothing was committed)
                 return _bad_point(a, name, "the step is not an integer in int64")
