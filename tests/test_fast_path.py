@@ -272,3 +272,17 @@ class _Model:
 def _twice(x):
     """Twice x."""
     return x * 2
+
+
+@pytest.mark.skipif(api._fast is None, reason="the C extension is not built")
+def test_the_segment_map_closes_when_the_agent_ends(tmp_path):
+    """C holds the segment's buffer and the cursor while it writes for an agent; the
+    agent's close releases them, so its memory map really closes (not kept open by an
+    export, which mmap.close() would refuse)."""
+    from provhpc.testing import capture
+
+    with capture(tmp_path) as cap:
+        provhpc.metric("loss", 0.5, step=1)  # the C path: it now holds the agent's buffers
+        agent = cap.agent
+        assert not agent.mm.closed
+    assert agent.mm.closed

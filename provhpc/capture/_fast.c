@@ -72,6 +72,8 @@ typedef struct {
     PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
     Py_buffer cursor_view;  /* agent.cursor, held: the array cannot be resized under it */
     long long *cursor;      /* [0] off, [1] fast_end, read and written in place */
+    Py_buffer mm_view;      /* agent.mm, held until forget(): mm.close() cannot unmap it */
+    char *seg;              /* the segment's bytes (mm_view.buf), NULL when not held */
     uint64_t h_start, h_end, h_metric, h_entity, h_relation, h_attr[5];
     unsigned long owner;
     int has_owner;
@@ -83,6 +85,10 @@ static void state_clear(state_t *st) {
     if (st->cursor != NULL) {
         PyBuffer_Release(&st->cursor_view);
         st->cursor = NULL;
+    }
+    if (st->seg != NULL) {
+        PyBuffer_Release(&st->mm_view);
+        st->seg = NULL;
     }
     Py_CLEAR(st->agent); Py_CLEAR(st->strings); Py_CLEAR(st->mm); Py_CLEAR(st->next_id);
     Py_CLEAR(st->opened); Py_CLEAR(st->dict);
@@ -105,6 +111,8 @@ static state_t *state_of(PyObject *agent) {
     }
     if ((st.strings = PyObject_GetAttr(agent, s_strings)) == NULL) goto fail;
     if ((st.mm = PyObject_GetAttr(agent, s_mm)) == NULL) goto fail;
+    if (PyObject_GetBuffer(st.mm, &st.mm_view, PyBUF_WRITABLE) < 0) goto fail;
+    st.seg = (char *)st.mm_view.buf;
     if ((st.next_id = PyObject_GetAttr(agent, s_next_id)) == NULL) goto fail;
     if ((st.opened = PyObject_GetAttr(agent, s_open_activities)) == NULL) goto fail;
     /* busy changes all the time: read in the instance dict */
@@ -164,16 +172,12 @@ static int room(PyObject *agent, state_t *st, Py_ssize_t n, long long *off) {
 /* Copy the records into the segment at ``off`` and advance the agent's ``off`` (cursor[0]). */
 static int commit(PyObject *agent, state_t *st, long long off, const record_t *recs,
                   Py_ssize_t n) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(st->mm, &view, PyBUF_WRITABLE) < 0) return -1;
     Py_ssize_t size = n * (Py_ssize_t)sizeof(record_t);
-    if (off < 0 || off + size > view.len) {
-        PyBuffer_Release(&view);
+    if (off < 0 || off + size > st->mm_view.len) {
         PyErr_SetString(PyExc_RuntimeError, "provhpc.capture._fast: write outside the segment");
         return -1;
     }
-    memcpy((char *)view.buf + off, recs, (size_t)size);
-    PyBuffer_Release(&view);
+    memcpy(st->seg + off, recs, (size_t)size);
     st->cursor[0] = off + size;
     return 0;
 }
@@ -587,6 +591,14 @@ typedef struct {
 static PyObject *no_step;  /* NO_STEP as an int object */
 static PyObject *s_used, *s_name_kw, *s_i_kw;
 
+/* Is keyword name ``key`` the interned string ``name``?  An interned key is that very
+ * object or another string; only a key built at run time (``**kwargs``) is compared. */
+static int same_str(PyObject *key, PyObject *name) {
+    if (key == name) return 1;
+    if (PyUnicode_CheckExact(key) && PyUnicode_CHECK_INTERNED(key)) return 0;
+    return PyUnicode_Compare(key, name) == 0;
+}
+
 static PyObject *factory_vectorcall(Factory *self, PyObject *const *args, size_t nargsf,
                                     PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -610,12 +622,12 @@ static PyObject *factory_vectorcall(Factory *self, PyObject *const *args, size_t
     PyObject *used = Py_None, *params = Py_None;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_Compare(key, s_name_kw) == 0 || PyUnicode_Compare(key, s_kind) == 0 ||
-            PyUnicode_Compare(key, s_i_kw) == 0) {  /* the first argument twice: Python says so */
+        if (same_str(key, s_name_kw) || same_str(key, s_kind) ||
+            same_str(key, s_i_kw)) {  /* the first argument twice: Python says so */
             if (params != Py_None) Py_DECREF(params);
             return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
         }
-        if (PyUnicode_Compare(key, s_used) == 0) {
+        if (same_str(key, s_used)) {
             used = args[nargs + i];
             continue;
         }
@@ -1227,7 +1239,16 @@ static PyObject *fast_bind(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* forget(agent): drop what is held of the agent (its segment's and cursor's buffers), so
+ * that its memory map can close; the next call for it reads it again. */
+static PyObject *fast_forget(PyObject *self, PyObject *agent) {
+    if (cached.agent == agent) state_clear(&cached);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"forget", (PyCFunction)fast_forget, METH_O,
+     "forget(agent): release the agent's segment before it closes"},
     {"start", (PyCFunction)(void (*)(void))fast_start, METH_FASTCALL,
      "start(agent, activity, current, role) -> bool"},
     {"values", (PyCFunction)(void (*)(void))fast_values, METH_FASTCALL,

@@ -61,6 +61,12 @@ from ..format.segment import (
     shm_dir,
 )
 
+_fast: Any  # the C hot path, when built (capture/_fast.c)
+try:
+    from . import _fast  # type: ignore[attr-defined,no-redef]
+except ImportError:  # pragma: no cover - a build without the C extension
+    _fast = None
+
 log = logging.getLogger("provhpc.agent")
 BAD_NAMES_WARNED = 1000  # metric names warned about at most (one line each)
 
@@ -642,6 +648,8 @@ class Agent:
         if pid == self.pid:
             os.close(self._wake_r)
             os.close(self._wake_w)
+        if _fast is not None:  # C holds the segment's buffer: let it go, so the map closes
+            _fast.forget(self)
         # Keep the segment when the aggregator did not confirm: `provhpc recover` reads it.
         self.seg.close(unlink=self.farewell)
         return self.farewell
