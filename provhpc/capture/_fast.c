@@ -215,31 +215,42 @@ static int value_record(state_t *st, uint64_t owner, uint64_t role, int64_t t, P
     return 1;
 }
 
-/* Attribute records of ``values`` (a dict) into recs[0..]: count, -2 fall back, -1 error. */
+/* Attribute records of ``values`` (a dict) into recs[0..]: count, -2 fall back, -1 error.
+ * With values NULL: of the keyword arguments ``kwnames`` = ``kwvalues`` of a call. */
 static Py_ssize_t value_records(state_t *st, uint64_t owner, uint64_t role, int64_t t,
-                                PyObject *values, record_t *recs, Py_ssize_t max) {
-    if (PyDict_GET_SIZE(values) > max) return -2;
-    Py_ssize_t pos = 0, i = 0;
+                                PyObject *values, PyObject *kwnames, PyObject *const *kwvalues,
+                                record_t *recs, Py_ssize_t max) {
+    Py_ssize_t pos = 0, i = 0, n = values ? PyDict_GET_SIZE(values) : PyTuple_GET_SIZE(kwnames);
     PyObject *key, *value;
-    while (PyDict_Next(values, &pos, &key, &value)) {
-        int s = value_record(st, owner, role, t, key, value, &recs[i++]);
+    if (n > max) return -2;
+    for (; i < n; i++) {
+        if (values != NULL) {
+            PyDict_Next(values, &pos, &key, &value);
+        } else {
+            key = PyTuple_GET_ITEM(kwnames, i);
+            value = kwvalues[i];
+        }
+        int s = value_record(st, owner, role, t, key, value, &recs[i]);
         if (s <= 0) return s < 0 ? -1 : -2;
     }
-    return i;
+    return n;
 }
 
-/* The attribute records of a dict of values: 1 written, 0 fall back, -1 error. */
-static int values_core(PyObject *agent, PyObject *owner_obj, uint64_t role, PyObject *values) {
-    if (!PyDict_CheckExact(values)) return 0;
+/* The attribute records of a dict of values (or, values NULL, of keyword arguments):
+ * 1 written, 0 fall back, -1 error. */
+static int values_core(PyObject *agent, PyObject *owner_obj, uint64_t role, PyObject *values,
+                       PyObject *kwnames, PyObject *const *kwvalues) {
+    if (values != NULL && !PyDict_CheckExact(values)) return 0;
     uint64_t owner = PyLong_AsUnsignedLongLong(owner_obj);
     if (owner == (uint64_t)-1 && PyErr_Occurred()) return -1;
     state_t *st = state_of(agent);
     if (st == NULL) return -1;
     long long off;
-    int r = room(agent, st, PyDict_GET_SIZE(values), &off);
+    int r = room(agent, st, values ? PyDict_GET_SIZE(values) : PyTuple_GET_SIZE(kwnames), &off);
     if (r <= 0) return r;
     record_t recs[MAX_RECORDS];
-    Py_ssize_t n = value_records(st, owner, role, now_ns(), values, recs, MAX_RECORDS);
+    Py_ssize_t n = value_records(st, owner, role, now_ns(), values, kwnames, kwvalues, recs,
+                                 MAX_RECORDS);
     if (n == -1) return -1;
     if (n < 0) return 0;
     return commit(agent, st, off, recs, n) < 0 ? -1 : 1;
@@ -258,7 +269,7 @@ static PyObject *fast_values(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     uint64_t role = PyLong_AsUnsignedLongLong(args[2]);
     if (role == (uint64_t)-1 && PyErr_Occurred()) return NULL;
-    return as_bool(values_core(args[0], args[1], role, args[3]));
+    return as_bool(values_core(args[0], args[1], role, args[3], NULL, NULL));
 }
 
 /* The start record and the parameter records of an activity.  1: written, and *aid
@@ -289,7 +300,8 @@ static int start_core(PyObject *agent, PyObject *name, PyObject *kind, PyObject 
     if ((r = string_id(st->strings, kind, &recs[0].sval)) <= 0) return r;
     int64_t t = now_ns();
     if (params != Py_None) {  /* the owner id is not known yet: filled in below */
-        Py_ssize_t k = value_records(st, 0, role, t, params, recs + 1, MAX_RECORDS - 1);
+        Py_ssize_t k = value_records(st, 0, role, t, params, NULL, NULL, recs + 1,
+                                     MAX_RECORDS - 1);
         if (k == -1) return -1;
         if (k < 0) return 0;
     }
@@ -523,7 +535,7 @@ static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs)
         PyObject *agent = api_agent();
         if (agent == NULL && PyErr_Occurred()) return NULL;
         if (agent != NULL) {
-            int r = values_core(agent, self->id, ROLE_GENERATED, kwargs);
+            int r = values_core(agent, self->id, ROLE_GENERATED, kwargs, NULL, NULL);
             if (r < 0) return NULL;
             if (r == 1) { Py_INCREF(self); return (PyObject *)self; }
         }
@@ -535,6 +547,42 @@ static PyObject *act_generated(Activity *self, PyObject *args, PyObject *kwargs)
     return res;
 }
 
+/* generated(**values) of a started activity, from the call's own keyword arguments (no
+ * dict); every other case through act_generated. */
+static PyObject *act_generated_fast(Activity *self, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs == 0 && kwnames != NULL && self->id != zero) {
+        int names_ok = 1;  /* an empty name (``**{"": 1}``): the Python path says so */
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++)
+            if (PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(kwnames, i)) == 0) names_ok = 0;
+        PyObject *agent = names_ok ? api_agent() : NULL;
+        if (agent == NULL && PyErr_Occurred()) return NULL;
+        if (agent != NULL) {
+            int r = values_core(agent, self->id, ROLE_GENERATED, NULL, kwnames, args);
+            if (r < 0) return NULL;
+            if (r == 1) { Py_INCREF(self); return (PyObject *)self; }
+        }
+    }
+    PyObject *tuple = PyTuple_New(nargs), *kwargs = NULL, *res = NULL;
+    if (tuple == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(tuple, i, args[i]);
+    }
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        if ((kwargs = PyDict_New()) == NULL) goto done;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++)
+            if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+    }
+    res = act_generated(self, tuple, kwargs);
+done:
+    Py_DECREF(tuple);
+    Py_XDECREF(kwargs);
+    return res;
+}
+
 static PyObject *act_metric(Activity *self, PyObject *const *args, Py_ssize_t nargs,
                             PyObject *kwnames);
 
@@ -542,7 +590,7 @@ static PyMethodDef act_methods[] = {
     {"__enter__", (PyCFunction)act_enter, METH_NOARGS, "start(); returns the activity"},
     {"__exit__", (PyCFunction)(void (*)(void))act_exit, METH_FASTCALL,
      "end(), or end('error', exc) when the block raised; never swallows the exception"},
-    {"generated", (PyCFunction)(void (*)(void))act_generated, METH_VARARGS | METH_KEYWORDS,
+    {"generated", (PyCFunction)(void (*)(void))act_generated_fast, METH_FASTCALL | METH_KEYWORDS,
      "generated(*entities, **values): what the activity produced"},
     {"metric", (PyCFunction)(void (*)(void))act_metric, METH_FASTCALL | METH_KEYWORDS,
      "metric(name, value, step=None)\n--\n\n"
@@ -780,7 +828,7 @@ static PyObject *decorated_vectorcall(Decorated *self, PyObject *const *args, si
         Py_ssize_t m = PyTuple_GET_SIZE(self->argnames);
         for (Py_ssize_t i = 0; i < nargs && i < m; i++) {
             PyObject *key = PyTuple_GET_ITEM(self->argnames, i);
-            if (PyUnicode_Compare(key, s_self) == 0 || PyUnicode_Compare(key, s_cls) == 0)
+            if (same_str(key, s_self) || same_str(key, s_cls))
                 continue;
             if (PyDict_SetItem(params, key, args[i]) < 0) { Py_DECREF(params); return NULL; }
         }
