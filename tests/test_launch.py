@@ -41,8 +41,9 @@ def run_dir(tmp_path) -> str:
     return runs[0]
 
 
-def wait_complete(path, timeout=30.0):
-    """Partitions whose aggregator outlives the job (a killed rank) close on their own."""
+def wait_complete(path, timeout=60.0):
+    """Partitions whose aggregator outlives the job (a killed rank) close on their own
+    (within seconds; an aggregator that saw no end waits out its 30 s linger first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         files = glob.glob(os.path.join(path, "*.h5"))
@@ -52,7 +53,12 @@ def wait_complete(path, timeout=30.0):
         except OSError:
             pass
         time.sleep(0.1)
-    raise AssertionError(f"partitions in {path} not complete after {timeout}s")
+    logs = {os.path.basename(p): open(p).read()[-2000:]
+            for p in glob.glob(os.path.join(path, "*.aggregator.log"))}
+    segments = [n for n in os.listdir("/dev/shm") if os.path.basename(path) in n] \
+        if os.path.isdir("/dev/shm") else []
+    raise AssertionError(f"partitions in {path} not complete after {timeout}s; "
+                         f"aggregator logs {logs}; segments left {segments}")
 
 
 def _complete(path):

@@ -30,12 +30,13 @@ from ..format import protocol as P
 from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
 from ..format.modes import remove_rendezvous_dirs, run_modes
 from ..format.partition import DISK_RESERVE, RECORD_CHUNK, PartitionWriter
+from ..format.procs import pid_alive
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
 from ..format.strings import StringMap, valid_definition
 from . import telemetry as _telemetry
 
-__all__ = ["Aggregator", "MAX_FRAME", "Stream", "pid_alive", "run_process"]
+__all__ = ["Aggregator", "MAX_FRAME", "Stream", "run_process"]
 
 log = logging.getLogger("provhpc.aggregator")
 
@@ -729,7 +730,13 @@ class Aggregator:
             if parsed is None or parsed[0] != self.node:
                 continue
             _node, rank, pid = parsed
-            if pid in known or pid_alive(pid):
+            if pid in known:
+                continue
+            try:  # the segment's time: its creator ran then (a later owner of the pid did not)
+                seen = os.stat(os.path.join(shm_dir(), name)).st_mtime_ns
+            except OSError:
+                continue
+            if pid_alive(pid, seen):
                 continue
             self._orphans.add(pid)
             try:
@@ -773,7 +780,8 @@ class Aggregator:
         self._sweep_orphans()
         now = time.monotonic()
         dead = [s for s in self.streams.values()
-                if not s.closed and s.mode == "shm" and not pid_alive(s.pid)]
+                if not s.closed and s.mode == "shm"
+                and not pid_alive(s.pid, int(s.hello.get("start", 0) or 0))]
         if dead and drain is not None:
             drain()  # its goodbye may be in flight: a rank that said it is not killed
         for s in dead:
@@ -874,23 +882,10 @@ def _live_aggregator(ready_path: str) -> int:
     try:
         with open(ready_path) as fh:
             pid = int(json.load(fh)["pid"])
+        seen = os.stat(ready_path).st_mtime_ns  # written by that aggregator once it ran
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    return pid if pid != os.getpid() and pid_alive(pid) else 0
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
+    return pid if pid != os.getpid() and pid_alive(pid, seen) else 0
 
 
 def run_process(agg: Aggregator) -> int:

@@ -28,9 +28,9 @@ import numpy as np
 from .._progress import track
 from ..format import records as R
 from ..format.partition import PartitionWriter, check_partition, open_partition
+from ..format.procs import pid_alive
 from ..format.segment import FREE, Segment, parse_segment_name, shm_dir
 from ..format.strings import StringMap, unknown_ids, valid_definition
-from .aggregator import pid_alive
 
 log = logging.getLogger("provhpc.recover")
 
@@ -123,7 +123,11 @@ def _leftover_segments(run_dir: str, run_id: str, nodes: set, force: bool, repor
             continue  # a run whose id starts with ours (run "a" vs run "a-b")
         entry = {"path": os.path.join(d, name), "node": node, "rank": rank, "pid": pid}
         report["segments"].append(entry)
-        if pid_alive(pid) and not force:
+        try:  # the segment's time: its creator ran then (a later owner of the pid did not)
+            seen = os.stat(os.path.join(d, name)).st_mtime_ns
+        except OSError:
+            seen = 0
+        if pid_alive(pid, seen) and not force:
             entry["action"] = "skipped: process alive"
             continue
         found.append(entry)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..format import records as R
 from ..format.partition import STRING_DTYPE, TIME_COUNTERS, open_partition
+from ..format.procs import pid_alive
 from . import tables as _tables
 from .tables import TABLES
 
@@ -35,36 +36,6 @@ __all__ = [
     "LIVE_WINDOW_S", "SAME_CHECK_NS", "SCHEMA_VERSIONS", "Collection", "Partition",
     "PartitionError", "Run", "is_run_dir", "open_path", "record_end", "summary"
 ]
-
-
-def _pid_alive(pid: int, since_ns: int = 0) -> bool:
-    """Is process ``pid`` alive (not a zombie)?  With ``since_ns``: and is it the process
-    that was alive then, not a later one given the same pid (it started before)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        if fields[0] == b"Z":  # a zombie is gone
-            return False
-        if since_ns:
-            started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-            return started <= since_ns / 1e9 + 2.0  # btime is whole seconds
-        return True
-    except (OSError, IndexError, ValueError):
-        return True
-
-
-def _boot_time() -> float:
-    with open("/proc/stat", "rb") as fh:
-        for line in fh:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    raise ValueError("no btime in /proc/stat")
 
 
 class PartitionError(OSError):
@@ -197,7 +168,7 @@ class Partition:
             return False
         host, pid = self.f.attrs.get("writer_host"), self.f.attrs.get("writer_pid")
         if host == socket.gethostname() and pid:
-            return _pid_alive(int(pid))
+            return pid_alive(int(pid))
         return self.idle_s() < LIVE_WINDOW_S
 
     @property
@@ -527,7 +498,7 @@ class Run(_Tables):
                         (said != "running" and not (finishing and r["rank"] == 0)):
                     continue
                 if (r["host"].decode() or writer) == here:
-                    if _pid_alive(int(r["pid"]), int(r["start"])):
+                    if pid_alive(int(r["pid"]), int(r["start"])):
                         return True
                 elif said != "running" and now - int(r["end"]) < LIVE_WINDOW_S * 1e9:
                     return True
