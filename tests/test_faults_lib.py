@@ -71,12 +71,14 @@ def write_program(tmp_path, text: str = PROGRAM) -> str:
 
 
 def start_job(venv_bin, tmp_path, env, nranks: int, n: int, mode: str = "run",
-              program: str | None = None, out: str | None = None) -> subprocess.Popen:
+              program: str | None = None, out: str | None = None,
+              launcher_args: tuple = ()) -> subprocess.Popen:
     prog = program or write_program(tmp_path)
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     out = out or str(tmp_path / "prov")
-    cmd = [os.path.join(venv_bin, "mpiexec"), "-n", str(nranks), os.path.join(venv_bin, "provhpc"),
+    cmd = [os.path.join(venv_bin, "mpiexec"), *launcher_args, "-n", str(nranks),
+           os.path.join(venv_bin, "provhpc"),
            "run", "--out", out, "--", os.path.join(venv_bin, "python"), prog, str(work), str(n),
            mode]
     return subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,

@@ -13,7 +13,10 @@ import time
 
 __all__ = ["pid_alive"]
 
-_SLACK_NS = 1_000_000_000  # /proc/uptime and the start time are in 10 ms ticks
+# A later owner of a pid starts after the recorded process ended, and pids are handed
+# out in order, so reuse within seconds does not happen; the slack absorbs the start
+# time's 10 ms ticks and any stall of this process between its two clock reads.
+_SLACK_NS = 5_000_000_000
 
 
 def pid_alive(pid: int, seen_ns: int = 0) -> bool:
@@ -33,9 +36,8 @@ def pid_alive(pid: int, seen_ns: int = 0) -> bool:
             return False
         if not seen_ns:
             return True
-        with open("/proc/uptime", "rb") as fh:
-            up_s = float(fh.read().split()[0])
-        age_ns = int((up_s - int(fields[19]) / os.sysconf("SC_CLK_TCK")) * 1e9)
-        return time.time_ns() - age_ns <= seen_ns + _SLACK_NS
+        boot_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)  # wall at boot
+        started_ns = boot_ns + int(fields[19]) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        return started_ns <= seen_ns + _SLACK_NS
     except (OSError, IndexError, ValueError):
         return True
