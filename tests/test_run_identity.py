@@ -141,6 +141,30 @@ def test_a_stale_runtime_claim_of_a_dead_job_is_taken_over(venv_bin, env, tmp_pa
     assert not d.exists()
 
 
+def test_a_claim_whose_pid_now_names_a_later_process_is_taken_over(venv_bin, env, tmp_path):
+    """Pids are reused: a claim left by a killed job, whose pid a later, unrelated process
+    now has, is stale (that process started after the claim was made)."""
+    later = subprocess.Popen(["sleep", "120"])
+    try:
+        node = identity.detect().node
+        d = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun" / node
+        d.mkdir(parents=True, mode=0o700)
+        os.chmod(tmp_path / "rt" / f"provhpc-{os.getuid()}", 0o700)
+        os.chmod(d.parent, 0o700)
+        (d / "job").write_text(json.dumps({
+            "job": "0" * 32, "host": identity.detect().host, "pid": later.pid,
+            "start": time.time_ns() - 3600 * 10**9}))  # claimed an hour before it started
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        job = _job(venv_bin, env, tmp_path / "prov", marks)
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+        assert _ranks_and_steps(tmp_path / "prov" / "samerun") == ([0, 1], 40, 0)
+    finally:
+        later.kill()
+        later.wait()
+
+
 def test_a_live_claim_of_another_job_is_not_taken_over(venv_bin, env, tmp_path):
     node = identity.detect().node
     d = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun" / node

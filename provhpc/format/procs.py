@@ -8,10 +8,11 @@ that process only if the live one with its pid started by then.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
-__all__ = ["pid_alive"]
+__all__ = ["pid_alive", "writer_alive"]
 
 # A later owner of a pid starts after the recorded process ended, and pids are handed
 # out in order, so reuse within seconds does not happen; the slack absorbs the start
@@ -41,3 +42,16 @@ def pid_alive(pid: int, seen_ns: int = 0) -> bool:
         return started_ns <= seen_ns + _SLACK_NS
     except (OSError, IndexError, ValueError):
         return True
+
+
+def writer_alive(path: str) -> int:
+    """The pid in the JSON file ``path`` ({"pid": ...}, written by that process once it ran)
+    when that process still lives, checked against the file's time; 0 when it does not,
+    or the file cannot be read."""
+    try:
+        with open(path) as fh:
+            pid = int(json.load(fh)["pid"])
+        seen = os.stat(path).st_mtime_ns
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return pid if pid > 0 and pid_alive(pid, seen) else 0

@@ -26,6 +26,7 @@ from ..capture import api
 from ..capture.agent import Agent
 from ..format import records as R
 from ..format.modes import remove_rendezvous_dirs, run_modes
+from ..format.procs import pid_alive, writer_alive
 from ..format.segment import segment_name, shm_dir
 from . import config as _config
 from . import environment as _environment
@@ -282,8 +283,11 @@ def check_rendezvous_free(node_dir: str, run_id: str, node: str, doc: dict) -> N
 
 
 def _stale(other: dict, doc: dict, ready: str) -> bool:
-    return other.get("host") == doc["host"] and not _alive(other.get("pid")) \
-        and not _ready_pid_alive(ready)
+    """Is ``other`` (a node's claim) left by a job that is gone: made on this host, its
+    claimant no longer that live process (dead, a zombie, or its pid reused since the
+    claim's ``start``), and no live aggregator named in the ready file?"""
+    return other.get("host") == doc["host"] and not _claimant_alive(other) \
+        and not writer_alive(ready)
 
 
 def _refuse_rendezvous(other: dict, run_id: str, node: str) -> None:
@@ -292,22 +296,13 @@ def _refuse_rendezvous(other: dict, run_id: str, node: str) -> None:
                      "(PROVHPC_RUN_ID), or unset it for a fresh one")
 
 
-def _alive(pid) -> bool:
+def _claimant_alive(claim: dict) -> bool:
     try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
+        pid = int(claim.get("pid"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _ready_pid_alive(ready: str) -> bool:
-    try:
-        with open(ready) as fh:
-            return _alive(json.load(fh).get("pid"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    start = claim.get("start")
+    return pid > 0 and pid_alive(pid, start if isinstance(start, int) else 0)
 
 
 def _proc_start(pid: int) -> str:

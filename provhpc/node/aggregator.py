@@ -30,7 +30,7 @@ from ..format import protocol as P
 from ..format.drops import AGGREGATOR_WRITE, DROP_REASONS, REASONS
 from ..format.modes import remove_rendezvous_dirs, run_modes
 from ..format.partition import DISK_RESERVE, RECORD_CHUNK, PartitionWriter
-from ..format.procs import pid_alive
+from ..format.procs import pid_alive, writer_alive
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
 from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
 from ..format.strings import StringMap, valid_definition
@@ -878,14 +878,9 @@ def _unused_path(path: str) -> str:
 
 
 def _live_aggregator(ready_path: str) -> int:
-    """The pid of a live aggregator named in ``ready_path`` (0 when none)."""
-    try:
-        with open(ready_path) as fh:
-            pid = int(json.load(fh)["pid"])
-        seen = os.stat(ready_path).st_mtime_ns  # written by that aggregator once it ran
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-    return pid if pid != os.getpid() and pid_alive(pid, seen) else 0
+    """The pid of another live aggregator named in ``ready_path`` (0 when none)."""
+    pid = writer_alive(ready_path)
+    return pid if pid != os.getpid() else 0
 
 
 def run_process(agg: Aggregator) -> int:
