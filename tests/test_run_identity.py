@@ -120,57 +120,46 @@ def test_two_jobs_at_once_with_one_run_id_are_never_merged(venv_bin, env, tmp_pa
     assert not (tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun").exists()
 
 
-def test_a_stale_runtime_claim_of_a_dead_job_is_taken_over(venv_bin, env, tmp_path):
-    """A job killed with SIGKILL leaves its node's claim behind; the next job with that run
-    id (into a fresh --out) runs."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+def _node_runtime_dir(tmp_path):
+    """This node's runtime directory of run 'samerun' under tmp_path/rt, owner-only."""
     node = identity.detect().node
     d = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun" / node
     d.mkdir(parents=True, mode=0o700)
     os.chmod(tmp_path / "rt" / f"provhpc-{os.getuid()}", 0o700)
     os.chmod(d.parent, 0o700)
-    (d / "job").write_text(json.dumps({"job": "0" * 32, "host": identity.detect().host,
-                                       "pid": dead.pid}))
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    job = _job(venv_bin, env, tmp_path / "prov", marks)
-    _, err = job.communicate(timeout=120)
-    assert job.returncode == 0, err
-    assert _ranks_and_steps(tmp_path / "prov" / "samerun") == ([0, 1], 40, 0)
-    assert not d.exists()
+    return d
 
 
-def test_a_claim_whose_pid_now_names_a_later_process_is_taken_over(venv_bin, env, tmp_path):
-    """Pids are reused: a claim left by a killed job, whose pid a later, unrelated process
-    now has, is stale (that process started after the claim was made)."""
-    later = subprocess.Popen(["sleep", "120"])
+@pytest.mark.parametrize("claimant", ["dead", "pid reused"])
+def test_a_stale_runtime_claim_of_a_dead_job_is_taken_over(venv_bin, env, tmp_path, claimant):
+    """A job killed with SIGKILL leaves its node's claim behind; the next job with that run
+    id (into a fresh --out) runs.  Pids are reused: a claim whose pid a later, unrelated
+    process now has (started after the claim was made) is stale as well."""
+    if claimant == "dead":
+        proc = subprocess.Popen(["true"])
+        proc.wait()
+        claim = {"pid": proc.pid}
+    else:
+        proc = subprocess.Popen(["sleep", "120"])
+        claim = {"pid": proc.pid, "start": time.time_ns() - 3600 * 10**9}  # an hour before
     try:
-        node = identity.detect().node
-        d = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun" / node
-        d.mkdir(parents=True, mode=0o700)
-        os.chmod(tmp_path / "rt" / f"provhpc-{os.getuid()}", 0o700)
-        os.chmod(d.parent, 0o700)
-        (d / "job").write_text(json.dumps({
-            "job": "0" * 32, "host": identity.detect().host, "pid": later.pid,
-            "start": time.time_ns() - 3600 * 10**9}))  # claimed an hour before it started
+        d = _node_runtime_dir(tmp_path)
+        (d / "job").write_text(json.dumps({"job": "0" * 32, "host": identity.detect().host,
+                                           **claim}))
         marks = tmp_path / "marks"
         marks.mkdir()
         job = _job(venv_bin, env, tmp_path / "prov", marks)
         _, err = job.communicate(timeout=120)
         assert job.returncode == 0, err
         assert _ranks_and_steps(tmp_path / "prov" / "samerun") == ([0, 1], 40, 0)
+        assert not d.exists()
     finally:
-        later.kill()
-        later.wait()
+        proc.kill()
+        proc.wait()
 
 
 def test_a_live_claim_of_another_job_is_not_taken_over(venv_bin, env, tmp_path):
-    node = identity.detect().node
-    d = tmp_path / "rt" / f"provhpc-{os.getuid()}" / "samerun" / node
-    d.mkdir(parents=True, mode=0o700)
-    os.chmod(tmp_path / "rt" / f"provhpc-{os.getuid()}", 0o700)
-    os.chmod(d.parent, 0o700)
+    d = _node_runtime_dir(tmp_path)
     (d / "job").write_text(json.dumps({"job": "0" * 32, "host": identity.detect().host,
                                        "pid": os.getpid(), "launcher": "srun",
                                        "job_id": "77"}))
