@@ -93,7 +93,12 @@ def test_rank_sigkill_loses_no_returned_record(seed, tmp_path, venv_bin, clean_e
         rdir = run_dir(str(tmp_path / "prov"))
         wait_for(lambda: partitions_complete(rdir), 60, "the aggregator to close the partition")
         returned = {r: progress(tmp_path, r) for r in range(NRANKS)}
-        n = check_no_loss(rdir, returned)
+        try:
+            n = check_no_loss(rdir, returned)
+        except AssertionError as e:  # say what the job and its ranks were (a rare failure)
+            ranks = summary(Run(rdir)).get("ranks")
+            raise AssertionError(f"{e}\nrank pids {pids}, victims {victims}\nranks {ranks}\n"
+                                 f"job output:\n{output(proc)}") from None
         assert not leftover_segments(os.path.basename(rdir)), "salvaged segments not removed"
     _log_figures(test="rank_sigkill", seed=seed, victims=victims, returned_records=n, lost=0)
 
