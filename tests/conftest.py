@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -42,8 +43,6 @@ def _no_mpich_shm_left_behind():
     (SIGKILL, a time limit) leave one each, ~4 MiB of RAM in /dev/shm until reboot.  At the
     end of the session, remove those this session's jobs left: created since it began, and
     mapped by no live process (so no running job of anyone's loses its file)."""
-    import time
-
     start = time.time() - 1.0
     yield
     if not os.path.isdir("/dev/shm"):

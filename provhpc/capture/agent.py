@@ -113,8 +113,7 @@ class Agent:
     """
 
     HOT_PATH = ("owner", "busy", "fast_end", "off", "cursor", "mm", "pack", "strings",
-                "h_metric",
-                "h_start", "h_end", "h_entity", "h_relation", "h_attr", "next_id",
+                "h_metric", "h_start", "h_end", "h_entity", "h_relation", "h_attr", "next_id",
                 "open_activities")
 
     def __init__(self, cfg: Any, ident: Any, run_id: str, endpoint: str, segment_path: str,
