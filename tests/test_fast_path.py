@@ -286,3 +286,30 @@ def test_the_segment_map_closes_when_the_agent_ends(tmp_path):
         agent = cap.agent
         assert not agent.mm.closed
     assert agent.mm.closed
+
+
+def test_a_later_agent_in_the_process_gets_its_own_string_ids(tmp_path):
+    """C remembers the string ids it looked up; the next agent of the process numbers its
+    strings afresh, so nothing remembered from the first may name its records."""
+    from provhpc.testing import capture
+
+    names = ("preprocess", "lr", "y", "loss")
+    with capture(tmp_path / "first", telemetry_interval=0) as first:
+        for _ in range(3):  # the first round interns (Python), the others write in C
+            with provhpc.task("preprocess", lr=0.1) as t:
+                t.generated(y=2.0)
+            provhpc.metric("loss", 0.5, 1)
+    with capture(tmp_path / "second", telemetry_interval=0) as second:
+        for other in ("a", "b", "c", "d", "e", "f"):  # other strings take the first ids
+            provhpc.attribute(other, 1)
+        for _ in range(3):
+            with provhpc.task("preprocess", lr=0.1) as t:
+                t.generated(y=2.0)
+            provhpc.metric("loss", 0.5, 1)
+    for cap in (first, second):
+        starts = cap.records("activity_start")
+        assert cap.strings(starts["name"]) == ["preprocess"] * 3
+        attrs = cap.records("attribute")
+        got = [n for n in cap.strings(attrs["name"]) if n in names]
+        assert got == ["lr", "y"] * 3
+        assert cap.strings(cap.records("metric")["name"]) == ["loss"] * 3

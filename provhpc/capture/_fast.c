@@ -55,14 +55,43 @@ static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
     return 1;
 }
 
+/* Recently looked-up string ids of the cached agent, by the key object's address.  An
+ * entry holds a strong reference to its key, so no other object can take that address
+ * while the entry lives; an agent's ids never change (``strings`` only grows), and the
+ * cache is emptied with the agent's state (state_clear). */
+#define SID_CACHE 64
+static struct { PyObject *key; uint32_t sid; } sid_cache[SID_CACHE];
+
+static void sid_cache_clear(void) {
+    for (int i = 0; i < SID_CACHE; i++) Py_CLEAR(sid_cache[i].key);
+}
+
+static inline unsigned sid_slot(PyObject *key) {
+    uintptr_t p = (uintptr_t)key;
+    return (unsigned)((p >> 4) ^ (p >> 10)) & (SID_CACHE - 1);
+}
+
+static PyObject *cached_strings(void);
+
 /* The string id of ``key`` (1), not interned or not a str (0), error (-1). */
 static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
     if (!PyUnicode_CheckExact(key)) return 0;
+    unsigned slot = sid_slot(key);
+    int cacheable = strings == cached_strings();
+    if (cacheable && sid_cache[slot].key == key) {
+        *out = sid_cache[slot].sid;
+        return 1;
+    }
     PyObject *v = PyDict_GetItemWithError(strings, key);  /* borrowed */
     if (v == NULL) return PyErr_Occurred() ? -1 : 0;
     unsigned long id = PyLong_AsUnsignedLong(v);
     if (id == (unsigned long)-1 && PyErr_Occurred()) return -1;
     *out = (uint32_t)id;
+    if (cacheable) {
+        Py_INCREF(key);
+        Py_XSETREF(sid_cache[slot].key, key);
+        sid_cache[slot].sid = (uint32_t)id;
+    }
     return 1;
 }
 
@@ -81,7 +110,10 @@ typedef struct {
 
 static state_t cached;
 
+static PyObject *cached_strings(void) { return cached.strings; }
+
 static void state_clear(state_t *st) {
+    if (st == &cached) sid_cache_clear();
     if (st->cursor != NULL) {
         PyBuffer_Release(&st->cursor_view);
         st->cursor = NULL;
