@@ -19,6 +19,16 @@ For each instrument the same call shape is timed in one process, interleaved:
 Each sample is the mean of a loop of n calls (loop overhead included in every
 variant alike); the table shows the median of the samples and the ratio of
 medians to the floor.  Peers are optional extras: ``pip install '.[bench]'``.
+
+Before each provhpc sample the agent hands everything over and waits for the
+aggregator's acknowledgements (``provhpc.flush``, untimed), and every sample's
+records fit the rank's shared-memory segment: a sample measures what the call
+costs the training, not the aggregator's ingest ceiling (that is
+``benchmarks/aggregator.py``).  The row ``task: with, sustained`` shows the
+other case side by side: four samples' worth of calls back to back, more
+records than the segment holds, so the calls wait for the aggregator whenever
+it falls behind (on 2 cores it ingests fewer records per second than one rank
+emits at this rate).
 """
 
 from __future__ import annotations
@@ -255,6 +265,15 @@ def in_another_thread(loop):
     return run
 
 
+def drained(provhpc, loop):
+    """Run ``loop`` after the agent's records are all acknowledged (untimed)."""
+    def run():
+        if not provhpc.flush(30):
+            raise SystemExit("provhpc.flush timed out: the aggregator did not keep up")
+        return loop()
+    return run
+
+
 def with_capture_off(api, loop):
     """Run ``loop`` with the agent detached: the cost of the API when capture is off."""
     def run():
@@ -285,6 +304,7 @@ def build_cases(provhpc, api, peers, n):
             "provhpc off": off(lambda: loop_task_with(provhpc.task, n // 4)),
             "provhpc, other thread": in_another_thread(
                 lambda: loop_task_with(provhpc.task, n // 4)),
+            "provhpc, sustained": lambda: loop_task_with(provhpc.task, n),
         }),
         ("task: @decorator f(a, b, c) -> {y, z}", 7, {
             "floor": lambda: loop_call(empty_dec, n // 4),
@@ -318,6 +338,10 @@ def build_cases(provhpc, api, peers, n):
             "provhpc off": off(lambda: loop_data_path(provhpc.data, n // 4, DATA_FILE)),
         }),
     ]
+    for _name, _nrec, variants in rows:  # every sample but the sustained one starts drained
+        for v in ("provhpc", "provhpc, other thread"):
+            if v in variants:
+                variants[v] = drained(provhpc, variants[v])
     if peers.mlflow is not None:
         rows[0][2]["MLflow"] = lambda: loop_metric(peers.mlflow, max(10, n // 400))
     if peers.flowcept is not None:
@@ -344,6 +368,14 @@ def main(argv=None) -> int:
         fh.write(os.urandom(1 << 16))
     try:
         provhpc, api, session = start_provhpc(os.path.join(scratch, "prov"))
+        # the most records one drained sample writes: 7 per task call, n // 4 calls; 1 per
+        # metric call, n calls.  It must fit the segment, or the sample waits for the
+        # aggregator like the sustained one.
+        lay = session.agent.seg.layout
+        capacity = lay.slots * lay.slot_records
+        if max(7 * (args.calls // 4), args.calls) > capacity:
+            raise SystemExit(f"--calls {args.calls}: a sample would write more records than "
+                             f"the segment holds ({capacity:,}); use at most {capacity:,}")
         peers = Peers(scratch, not args.no_mlflow)
         rows = build_cases(provhpc, api, peers, args.calls)
         # Interleave everything: every round visits every (row, variant) once.
@@ -363,7 +395,8 @@ def main(argv=None) -> int:
 
 
 def report(rows, samples, rounds, elapsed, stored, peer_info, notes, json_path):
-    variants = ["floor", "provhpc", "provhpc off", "provhpc, other thread", "Flowcept", "MLflow"]
+    variants = ["floor", "provhpc", "provhpc off", "provhpc, other thread",
+                "provhpc, sustained", "Flowcept", "MLflow"]
     print(f"# capture cost per call, ns (median of {rounds} interleaved rounds; "
           f"{elapsed:.0f} s)\n# {C.machine()}\n")
     out_rows, doc = [], {"rounds": rounds, "machine": C.machine(), "rows": {}}
