@@ -55,6 +55,21 @@ static int get_u64(PyObject *obj, PyObject *name, uint64_t *out) {
     return 1;
 }
 
+/* What never changes in an agent's life, read once per agent (the cache holds a strong
+ * reference, so a new agent is never mistaken for a freed one at the same address). */
+typedef struct {
+    PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
+    Py_buffer cursor_view;  /* agent.cursor, held: the array cannot be resized under it */
+    long long *cursor;      /* [0] off, [1] fast_end, read and written in place */
+    Py_buffer mm_view;      /* agent.mm, held until forget(): mm.close() cannot unmap it */
+    char *seg;              /* the segment's bytes (mm_view.buf), NULL when not held */
+    uint64_t h_start, h_end, h_metric, h_entity, h_relation, h_attr[5];
+    unsigned long owner;
+    int has_owner;
+} state_t;
+
+static state_t cached;
+
 /* Recently looked-up string ids of the cached agent, by the key object's address.  An
  * entry holds a strong reference to its key, so no other object can take that address
  * while the entry lives; an agent's ids never change (``strings`` only grows), and the
@@ -71,13 +86,11 @@ static inline unsigned sid_slot(PyObject *key) {
     return (unsigned)((p >> 4) ^ (p >> 10)) & (SID_CACHE - 1);
 }
 
-static PyObject *cached_strings(void);
-
 /* The string id of ``key`` (1), not interned or not a str (0), error (-1). */
 static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
     if (!PyUnicode_CheckExact(key)) return 0;
     unsigned slot = sid_slot(key);
-    int cacheable = strings == cached_strings();
+    int cacheable = strings == cached.strings;
     if (cacheable && sid_cache[slot].key == key) {
         *out = sid_cache[slot].sid;
         return 1;
@@ -94,23 +107,6 @@ static int string_id(PyObject *strings, PyObject *key, uint32_t *out) {
     }
     return 1;
 }
-
-/* What never changes in an agent's life, read once per agent (the cache holds a strong
- * reference, so a new agent is never mistaken for a freed one at the same address). */
-typedef struct {
-    PyObject *agent, *strings, *mm, *next_id, *opened, *dict;
-    Py_buffer cursor_view;  /* agent.cursor, held: the array cannot be resized under it */
-    long long *cursor;      /* [0] off, [1] fast_end, read and written in place */
-    Py_buffer mm_view;      /* agent.mm, held until forget(): mm.close() cannot unmap it */
-    char *seg;              /* the segment's bytes (mm_view.buf), NULL when not held */
-    uint64_t h_start, h_end, h_metric, h_entity, h_relation, h_attr[5];
-    unsigned long owner;
-    int has_owner;
-} state_t;
-
-static state_t cached;
-
-static PyObject *cached_strings(void) { return cached.strings; }
 
 static void state_clear(state_t *st) {
     if (st == &cached) sid_cache_clear();
