@@ -20,7 +20,7 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from ..format import records as R
 from .agent import Agent, start_worker_agent
@@ -205,8 +205,6 @@ def _write_values(agent: Agent, owner: int, values: dict[str, Any], role: int) -
     agent.write(_value_rows(agent, owner, role, t, values))
 
 
-
-
 def _relate(agent: Agent, subject: int, relation: str, obj: int) -> None:
     if subject and obj and (_c_relate is None or not _c_relate(agent, subject, relation, obj)):
         agent.emit(R.RELATION, 0, 0, subject, obj, _time_ns(), relation, None, _NO_STEP, 0, 0.0)
@@ -227,16 +225,14 @@ def _input_ids(used: Any) -> list[int]:
 
 
 # ---------------------------------------------------------------------- entities
-class Entity:
-    """A PROV entity: data item, hyperparameter set, model, checkpoint, code."""
+class _Attributes:
+    """``attribute()`` and ``attributes()`` of an entity or an activity: records of its
+    ``id`` (0: not started, or capture off -- then only the names are checked)."""
 
-    __slots__ = ("id", "key", "kind", "fp")
+    __slots__ = ()
+    id: int
 
-    def __init__(self, key: str, kind: str, eid: int):
-        self.key, self.kind, self.id = key, kind, eid
-        self.fp: tuple[int, int] | None = None  # (size, mtime_ns) when last stat-ed
-
-    def attribute(self, name: str, value: Any) -> Entity:
+    def attribute(self, name: str, value: Any) -> Self:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
@@ -244,13 +240,23 @@ class Entity:
             _check_keys({name: value})
         return self
 
-    def attributes(self, **values: Any) -> Entity:
+    def attributes(self, **values: Any) -> Self:
         agent = _agent
         if agent is not None and self.id:
             _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
         else:
             _check_keys(values)
         return self
+
+
+class Entity(_Attributes):
+    """A PROV entity: data item, hyperparameter set, model, checkpoint, code."""
+
+    __slots__ = ("id", "key", "kind", "fp")
+
+    def __init__(self, key: str, kind: str, eid: int):
+        self.key, self.kind, self.id = key, kind, eid
+        self.fp: tuple[int, int] | None = None  # (size, mtime_ns) when last stat-ed
 
     def derived_from(self, *sources: Any) -> Entity:
         agent = _agent
@@ -529,7 +535,7 @@ if _fast is not None:
     _ActivityBase = _fast.ActivityBase  # type: ignore[misc]  # noqa: F811
 
 
-class Activity(_ActivityBase):
+class Activity(_Attributes, _ActivityBase):
     """A PROV activity: ``with``, ``@decorator`` or explicit ``start()``/``end()``."""
 
     __slots__ = ()
@@ -634,22 +640,6 @@ class Activity(_ActivityBase):
         agent = _agent
         if agent is not None:
             _relate(agent, self.id, R.WAS_INFORMED_BY, other.id)
-        return self
-
-    def attribute(self, name: str, value: Any) -> Activity:
-        agent = _agent
-        if agent is not None and self.id:
-            _write_values(agent, self.id, {name: value}, ROLE_ATTRIBUTE)
-        else:
-            _check_keys({name: value})
-        return self
-
-    def attributes(self, **values: Any) -> Activity:
-        agent = _agent
-        if agent is not None and self.id:
-            _write_values(agent, self.id, values, ROLE_ATTRIBUTE)
-        else:
-            _check_keys(values)
         return self
 
     def _metric(self, name: str, value: Any, step: Any = None) -> Activity:
