@@ -118,3 +118,48 @@ def test_corrupt_partition_named_others_readable(tmp_path):
     with Run(cap.run_dir) as run:
         assert [p.node for p in run.partitions] == ["good"]
         assert bad in run.errors and "bad.h5" in run.errors[bad]
+
+
+def test_flush_waits_for_a_late_welcome(tmp_path):
+    """``flush()`` while the aggregator has not welcomed this rank yet (it starts late)
+    waits for the welcome, then for the acknowledgement, within its timeout: True, and
+    the record is on disk.  It used to return False at once, so a rank that flushed and
+    then died might not even have been heard of (its hello still unread)."""
+    import secrets
+    import threading
+
+    from provhpc.capture.agent import Agent
+    from provhpc.format import records as R
+    from provhpc.format.segment import segment_name, shm_dir
+    from provhpc.launch.config import load
+    from provhpc.launch.identity import Identity
+    from provhpc.node.aggregator import Aggregator
+
+    run_id = "late-" + secrets.token_hex(3)
+    cfg = load(out=str(tmp_path), run_id=run_id, runtime_dir=str(tmp_path), heartbeat=0.05,
+               telemetry_interval=0, flush_interval=0.2)
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    endpoint = f"ipc://{rt}/sock"
+    seg = os.path.join(shm_dir(), segment_name(run_id, "n0", 0, os.getpid()))
+    agent = Agent(cfg, Identity(rank=0, node="n0", host="n0"), run_id, endpoint, seg)
+    agg = Aggregator(cfg, run_id, "n0", str(tmp_path), endpoint, str(rt / "ready"),
+                     expect=1, linger=5.0)
+    threads: list = []
+    timer = threading.Timer(0.5, lambda: threads.append(agg.start_thread()))
+    try:
+        assert agent.emit(R.METRIC, R.V_FLOAT, 0, 0, 0, time.time_ns(), "early", None, 0, 0,
+                          1.0)
+        timer.start()
+        t0 = time.monotonic()
+        assert agent.flush(20), "flush gave up before the aggregator's welcome"
+        assert time.monotonic() - t0 >= 0.4, "flush returned before the aggregator started"
+        assert agent.shutdown()
+    finally:
+        timer.join()
+        if not threads:
+            agent.shutdown()
+        for t in threads:
+            t.join(15)
+    with provhpc.open(os.path.join(str(tmp_path), run_id)) as run:
+        assert run.metrics()["name"].tolist() == ["early"]

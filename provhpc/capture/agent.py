@@ -454,10 +454,15 @@ class Agent:
                 self._slot_freed.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Hand the current slot over and wait until every sealed slot is acknowledged."""
+        """Hand the current slot over and wait until every sealed slot is acknowledged.
+        While the aggregator has not welcomed this rank yet (it is starting), wait for the
+        welcome first, within the same ``timeout``: False only when the records are not
+        all on disk by then."""
         self._seal_current()
         deadline = time.monotonic() + (self.cfg.shutdown_timeout if timeout is None else timeout)
-        while time.monotonic() < deadline and self.mode == "shm" and self._thread.is_alive():
+        self._welcomed.wait(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and self.mode in ("shm", "inline") and \
+                self._thread.is_alive():
             with self._lock:
                 if len(self._free) == self._layout.slots:
                     return True

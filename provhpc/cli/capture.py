@@ -48,8 +48,10 @@ def _cmd_aggregate(args) -> int:
     else:
         meta = session.run_meta(ident, cfg)
     job = str(meta.pop("_job", ""))  # the spawning job's digest: only its ranks are served
+    leader = meta.pop("_leader", None)  # the rank that started it (none: started by hand)
     agg = Aggregator(cfg, run_id, node, os.path.abspath(cfg.out), endpoint, ready,
-                     expect=args.expect, linger=args.linger, meta=meta, job=job)
+                     expect=args.expect, linger=args.linger, meta=meta, job=job,
+                     leader=leader if isinstance(leader, dict) else None)
     return run_process(agg)
 
 

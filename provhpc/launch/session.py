@@ -387,14 +387,20 @@ def clean_env(environ=None) -> dict:
     return {k: v for k, v in environ.items() if not k.startswith(_ENV_STRIP)}
 
 
-def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta, job=""):
+def spawn_aggregator(cfg, run_id, node, run_dir, endpoint, ready, expect, meta, job="",
+                     leader=None):
+    """Start the node's aggregator; ``leader`` is the (rank, local rank) of this process,
+    which the aggregator watches until its hello (see ``Aggregator._check_leader``)."""
     fmode, dmode = run_modes(cfg.group_readable)
     os.makedirs(run_dir, mode=dmode, exist_ok=True)
     # The metadata (argv, cwd, git commit, packages) goes through an owner-only file beside
     # the ready file, never the command line, which every user can read in /proc.
     meta_file = os.path.join(os.path.dirname(ready) or run_dir, "meta.json")
+    private = {"_job": job} if job else {}  # the underscored keys are not stored
+    if leader is not None:
+        private["_leader"] = {"rank": leader[0], "local_rank": leader[1], "pid": os.getpid()}
     with open(os.open(meta_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-        json.dump({**meta, "_job": job} if job else meta, fh)  # _job: not stored
+        json.dump({**meta, **private}, fh)
     logf = open(os.open(os.path.join(run_dir, f"{node}.aggregator.log"),
                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, fmode), "ab")
     env = {**clean_env(), **_config.to_environ(cfg)}
@@ -587,7 +593,8 @@ def init(out=None, run_id=None, comm=None, argv=None, program=None, use_mpi=True
             and not os.path.exists(ready):
         try:
             proc = spawn_aggregator(cfg, rid, ident.node, run_dir, endpoint, ready,
-                                    ident.local_size, meta, job)
+                                    ident.local_size, meta, job,
+                                    leader=(ident.rank, ident.local_rank))
         except OSError as exc:  # a read-only or full output file system: run without one
             log.warning("provhpc: cannot start the aggregator of node %s: %s", ident.node, exc)
             usable = False

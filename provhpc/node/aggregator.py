@@ -72,7 +72,7 @@ BEAT_S = 2.0  # seconds between heartbeats written to the partition (see _beat)
 class Aggregator:
     def __init__(self, cfg, run_id: str, node: str, out: str, endpoint: str, ready_path: str,
                  expect: int = 0, linger: float = 30.0, meta: dict | None = None,
-                 job: str = ""):
+                 job: str = "", leader: dict | None = None):
         self.cfg, self.run_id, self.node = cfg, run_id, node
         self.job = job  # the digest of the job that started it ("" = any rank of the run id)
         self.out, self.endpoint, self.ready_path = out, endpoint, ready_path
@@ -88,6 +88,17 @@ class Aggregator:
         self.ready = threading.Event()
         self.exit_status = 0
         self._orphans: set[int] = set()
+        # The rank that started this aggregator ({"rank", "local_rank", "pid"}; None when
+        # started by hand), watched until its hello: see _check_leader.  It was alive when
+        # it started us, which dates it against a later owner of its pid.
+        self._leader: tuple[int, int, int] | None = None
+        if leader:
+            try:
+                self._leader = (int(leader["rank"]), int(leader.get("local_rank", 0)),
+                                int(leader["pid"]))
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignored a malformed leader description: %r", leader)
+        self._leader_seen = time.time_ns()
         self.gpus = _telemetry.GPUs()  # NVML, opened on first use
         self.telemetry: _telemetry.Sampler | None = None
         self.listen = getattr(cfg, "listen", "")
@@ -778,6 +789,7 @@ class Aggregator:
 
     def _check_liveness(self, drain=None) -> None:
         self._sweep_orphans()
+        self._check_leader(drain)
         now = time.monotonic()
         dead = [s for s in self.streams.values()
                 if not s.closed and s.mode == "shm"
@@ -792,6 +804,37 @@ class Aggregator:
                 continue
             if now - s.last_seen > max(10.0, 20 * self.cfg.heartbeat):
                 self._close_stream(s, "lost", -1, time.time_ns(), -1, {})
+
+    def _check_leader(self, drain=None) -> None:
+        """The rank that started this aggregator ended before its hello reached it (killed
+        during its start-up, before it made its segment: nothing of it to salvage).  It is
+        recorded as killed -- it ended without a goodbye, as this aggregator saw -- and
+        counts as a closed rank, so that the partition is completed now instead of after
+        ``linger`` seconds of waiting for a rank that cannot come any more."""
+        if self._leader is None:
+            return
+        rank, local_rank, pid = self._leader
+        if pid in self._orphans or any(s.pid == pid for s in self.streams.values()):
+            self._leader = None  # it said hello, or its segment was salvaged: seen to there
+            return
+        if pid_alive(pid, self._leader_seen):
+            return
+        if drain is not None:
+            drain()  # its hello may still be in the socket
+            if any(s.pid == pid for s in self.streams.values()):
+                self._leader = None
+                return
+        self._leader = None
+        self._orphans.add(pid)  # a hello still on its way is refused, as an orphan's
+        self.writer.upsert_rank((rank, pid), {
+            "rank": rank, "local_rank": local_rank, "pid": pid, "role": "rank",
+            "host": socket.gethostname(), "node": self.node, "start": self._leader_seen,
+            "end": time.time_ns(), "status": "killed", "exit_code": -1, "records": 0,
+            "reported": -1})
+        self.closed_ranks += 1
+        self._flush()
+        log.info("rank %d (pid %d), which started this aggregator, ended before it said "
+                 "hello", rank, pid)
 
     def _salvage(self, s: Stream, status: str) -> None:
         """Take every record the rank wrote that is not yet on disk, oldest slot first."""
