@@ -227,12 +227,22 @@ def format_code(code: dict, env: dict) -> str:
             + (f"   python {py}" if py else "") + (f", {shown}" if shown else ""))
 
 
+def _records_origin(s: dict) -> str:
+    """Where the stored records came from, when not all from the processes' rows below."""
+    samples = s.get("telemetry_records", 0)
+    if not samples:
+        return ""
+    sent = s["records_total"] - samples
+    return (f" ({sent} from the {len(s['ranks'])} processes below + {samples} telemetry "
+            "samples by the aggregator)")
+
+
 def format_summary(s: dict) -> str:
     lines = [f"run {s['run_id']}  ({s['path']})",
              f"nodes {len(s['nodes'])}: {', '.join(s['nodes'])}   ranks {s['world_size']}   "
              f"duration {s['duration_s']:.2f} s   status {s['status'] or '?'}"
              + (f" ({s['status_note']})" if s.get("status_note") else ""),
-             f"records {s['records_total']}   dropped {s['dropped_total']}"
+             f"records {s['records_total']}{_records_origin(s)}   dropped {s['dropped_total']}"
              + (f" {s['dropped_by_reason']}" if s["dropped_total"] else "")]
     if s.get("end"):
         lines.append(format_end(s["end"]))

@@ -60,6 +60,11 @@ def merge_run(run: Run, out_dir: str, overwrite: bool = False) -> dict:
                                                                     flags.tolist())],
                          np.uint32)
         n = len(p)
+        base = w.nrecords  # the batch table says which process sent each row: kept, shifted
+        if "batches" in p.f:
+            for b in p.f["batches"][:].tolist():
+                rank, pid, seq, start, count, bflags = b
+                w.note_batch(rank, pid, seq, base + start, count, bflags)
         for lo in range(0, n, CHUNK):
             recs = p.f["records"][lo:lo + CHUNK]
             recs["name"] = remap[recs["name"]]

@@ -236,6 +236,26 @@ class Partition:
     def ranks(self) -> np.ndarray:
         return self._read("ranks", lambda: self.f["ranks"][:])
 
+    def senders(self, n: int) -> tuple[list[tuple[int, int]], np.ndarray] | None:
+        """Which process sent each of the first ``n`` records, from the batch table:
+        ``(processes, owner)``, ``processes`` the ``(rank, pid)`` pairs and ``owner[i]``
+        the index of record ``i``'s, or -1 for a record no batch covers (the
+        aggregator's own telemetry samples).  None for a partition without a batch table
+        (one written before it existed)."""
+        if "batches" not in self.f:
+            return None
+        b = self._read("batches", lambda: self.f["batches"][:])
+        pairs = np.stack([b["rank"].astype(np.int64), b["pid"]], axis=1) if len(b) else \
+            np.zeros((0, 2), np.int64)
+        procs, which = np.unique(pairs, axis=0, return_inverse=True)
+        counts, starts = b["count"].astype(np.int64), b["start"].astype(np.int64)
+        pos = (np.arange(int(counts.sum())) + np.repeat(starts - (np.cumsum(counts) - counts),
+                                                        counts))
+        inside = pos < n  # a batch noted after the records were read
+        owner = np.full(n, -1, np.int64)
+        owner[pos[inside]] = np.repeat(which.reshape(-1), counts)[inside]
+        return [(int(r), int(pid)) for r, pid in procs.tolist()], owner
+
     def drops(self) -> np.ndarray:
         return self._read("drops", lambda: self.f["drops"][:]) if "drops" in self.f \
             else np.zeros(0, [("rank", "<i4"), ("pid", "<i8"), ("reason", "S32"), ("count", "<u8")])
@@ -891,13 +911,18 @@ def open_path(path: str, select=None):
 
 
 def _summary_part(run) -> dict:
-    """The per-partition counts of ``summary`` (combined across MPI ranks by ``combine``)."""
-    per_rank_kinds: dict[int, dict] = {}
+    """The per-partition counts of ``summary`` (combined across MPI ranks by ``combine``).
+
+    Records are counted by kind per sending process: ``(rank, pid)``, from the batch
+    table; ``(rank, None)`` for a partition without one; ``(None, None)`` for the
+    telemetry samples the aggregator wrote itself."""
+    per_proc_kinds: dict[tuple, dict] = {}
     t0, t1 = None, None
     for p in run.partitions:
         try:
             cols = p.records(["kind", "rank", "t", "name", "sval"])
             p.check_string_ids(cols)  # summary vouches for the partition: its strings too
+            senders = p.senders(len(cols))
         except PartitionError as exc:
             run.errors[p.path] = str(exc)
             continue
@@ -905,11 +930,17 @@ def _summary_part(run) -> dict:
             lo, hi = int(cols["t"].min()), int(cols["t"].max())
             t0 = lo if t0 is None else min(t0, lo)
             t1 = hi if t1 is None else max(t1, hi)
-        ranks, inverse = np.unique(cols["rank"], return_inverse=True)
-        counts = np.zeros((len(ranks), 8), np.int64)
-        np.add.at(counts, (inverse, np.minimum(cols["kind"], 7)), 1)
-        for i, rank in enumerate(ranks.tolist()):
-            d = per_rank_kinds.setdefault(rank, {})
+        procs: list[tuple[int | None, int | None]]
+        if senders is None:
+            ranks, owner = np.unique(cols["rank"], return_inverse=True)
+            procs = [(int(r), None) for r in ranks.tolist()]
+        else:
+            procs = [*senders[0], (None, None)]  # owner -1: the last row of counts
+            owner = senders[1]
+        counts = np.zeros((len(procs), 8), np.int64)
+        np.add.at(counts, (owner, np.minimum(cols["kind"], 7)), 1)
+        for i, proc in enumerate(procs):
+            d = per_proc_kinds.setdefault(proc, {})
             for k, name in R.KIND_NAMES.items():
                 if counts[i, k]:
                     d[name] = d.get(name, 0) + int(counts[i, k])
@@ -918,24 +949,24 @@ def _summary_part(run) -> dict:
         for k, v in p.counters().items():
             counters[k] = counters.get(k, 0) + v
     good = [p for p in run.partitions if p.path not in run.errors]
-    return {"per_rank_kinds": per_rank_kinds, "t0": t0, "t1": t1, "ranks": run.ranks(),
-            "drops": run.drops(), "counters": counters, "errors": dict(run.errors),
-            "nodes": [n for p in good for n in p.nodes],
+    return {"per_proc_kinds": per_proc_kinds, "t0": t0, "t1": t1,
+            "ranks": run.ranks(), "drops": run.drops(), "counters": counters,
+            "errors": dict(run.errors), "nodes": [n for p in good for n in p.nodes],
             "partitions": [{"path": p.path, "node": p.node, "complete": p.complete,
                             "live": p.live, "last_write_ns": p.last_write_ns(),
                             "records": len(p)} for p in good]}
 
 
 def _combine(run, parts: list) -> dict:
-    per_rank_kinds: dict[int, dict] = {}
+    per_proc_kinds: dict[tuple, dict] = {}
     kinds_total: dict[str, int] = {}
     counters: dict[str, int] = {}
     ranks, drops, partitions, errors, nodes = [], [], [], {}, set()
     t0s = [p["t0"] for p in parts if p["t0"] is not None]
     t1s = [p["t1"] for p in parts if p["t1"] is not None]
     for part in parts:
-        for rank, d in part["per_rank_kinds"].items():
-            mine = per_rank_kinds.setdefault(int(rank), {})
+        for proc, d in part["per_proc_kinds"].items():
+            mine = per_proc_kinds.setdefault(proc, {})
             for k, v in d.items():
                 mine[k] = mine.get(k, 0) + v
                 kinds_total[k] = kinds_total.get(k, 0) + v
@@ -959,10 +990,10 @@ def _combine(run, parts: list) -> dict:
         "nodes": sorted(nodes),
         "partitions": partitions,
         "partition_errors": errors,
-        "ranks": [{**r, "records_by_kind": per_rank_kinds.get(r["rank"], {})
-                   if r["role"] == "rank" else {}} for r in ranks],
+        "ranks": [{**r, "records_by_kind": _kinds_of(per_proc_kinds, r)} for r in ranks],
         "world_size": len({r["rank"] for r in ranks}),
         "records_total": int(sum(p["records"] for p in partitions)),
+        "telemetry_records": sum(per_proc_kinds.get((None, None), {}).values()),
         "dropped_total": int(sum(reasons.values())),
         "dropped_by_reason": reasons,
         "records_by_kind": kinds_total,
@@ -973,6 +1004,16 @@ def _combine(run, parts: list) -> dict:
         "code": run.code(),
         "environment": {k: v for k, v in run.environment().items() if k != "env"},
     }
+
+
+def _kinds_of(per_proc_kinds: dict, row: dict) -> dict:
+    """The records by kind of one rank-table row: what its process sent; from a partition
+    without a batch table, everything of its rank, on the rank's own row."""
+    mine = dict(per_proc_kinds.get((row["rank"], row["pid"]), {}))
+    if row["role"] == "rank":
+        for k, v in per_proc_kinds.get((row["rank"], None), {}).items():
+            mine[k] = mine.get(k, 0) + v
+    return mine
 
 
 @overload

@@ -179,11 +179,16 @@ def plot_records(run, path: str, s: dict) -> str:
     plt = _plt()
     ranks = [r for r in s["ranks"] if r["role"] == "rank"]
     kinds = ["activity_start", "activity_end", "entity", "relation", "attribute", "metric"]
+    by_rank: dict[int, dict] = {}  # a rank's processes together (its children, workers)
+    for r in s["ranks"]:
+        mine = by_rank.setdefault(r["rank"], {})
+        for k, v in r["records_by_kind"].items():
+            mine[k] = mine.get(k, 0) + v
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
     x = np.arange(len(ranks))
     bottom = np.zeros(len(ranks))
     for k in kinds:
-        v = np.array([r["records_by_kind"].get(k, 0) for r in ranks], float)
+        v = np.array([by_rank[r["rank"]].get(k, 0) for r in ranks], float)
         ax1.bar(x, v, bottom=bottom, label=k)
         bottom += v
     ax1.set_xticks(x, [str(r["rank"]) for r in ranks])
@@ -191,7 +196,8 @@ def plot_records(run, path: str, s: dict) -> str:
     ax1.set_ylabel("records")
     ax1.legend(fontsize=7)
     ax1.set_title("Records per rank", fontsize=10)
-    drops = np.array([r["dropped"] for r in ranks], float)
+    drops = np.array([sum(q["dropped"] for q in s["ranks"] if q["rank"] == r["rank"])
+                      for r in ranks], float)
     ax2.bar(x, drops, color="#c44e52")
     ax2.set_xticks(x, [str(r["rank"]) for r in ranks])
     ax2.set_xlabel("rank")
