@@ -124,4 +124,7 @@ def test_capture_stats(run):
     assert [r["rank"] for r in s["ranks"]] == [0, 1]
     assert all(r["records"] > 0 and r["records_per_s"] > 0 for r in s["ranks"])
     assert s["records"] == sum(p["records"] for p in s["partitions"])
+    # every stored record was sent by a process of the rank table or sampled by the aggregator
+    assert s["records"] == sum(r["records"] for r in s["ranks"]) + sum(
+        p["telemetry_records"] for p in s["partitions"])
     assert s["file_bytes_per_record"] > 64 and s["dropped_total"] == 0

@@ -71,6 +71,12 @@ def test_rows_count_their_own_process_and_telemetry_is_named(venv_bin, clean_env
     assert (f"records {s['records_total']} ({sent} from the {len(s['ranks'])} processes "
             f"below + {samples} telemetry samples by the aggregator)") in text, text
 
+    r = subprocess.run([os.path.join(venv_bin, "provhpc"), "query", run, "capture", "--json"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    (part,) = json.loads(r.stdout)["partitions"]
+    assert part["telemetry_records"] == samples
+
     merged = tmp_path / "merged"
     r = subprocess.run([os.path.join(venv_bin, "provhpc"), "merge", "-o", str(merged), run],
                        env=env, capture_output=True, text=True, timeout=60)

@@ -265,7 +265,7 @@ def _format_derivation(res) -> str:
 def _format_capture(res) -> str:
     out = [format_table(res["ranks"], ["rank", "pid", "role", "node", "records", "seconds",
                                        "records_per_s", "dropped", "salvaged", "drops"]), "",
-           format_table(res["partitions"], ["node", "records", "file_bytes",
+           format_table(res["partitions"], ["node", "records", "telemetry_records", "file_bytes",
                                             "file_bytes_per_record", "record_bytes",
                                             "strings", "string_heap_bytes", "sequence_gaps"]),
            "", f"records {res['records']}  file bytes/record {res['file_bytes_per_record']}  "

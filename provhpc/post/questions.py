@@ -362,10 +362,10 @@ def failures(run) -> list:
 def capture_stats(run) -> dict:
     """Records/s per rank, bytes per record, drops and their reasons."""
     drops = run.drops()
-    by_rank: dict[int, dict] = {}
+    by_proc: dict[tuple, dict] = {}
     for d in drops:
-        by_rank.setdefault(d["rank"], {})
-        by_rank[d["rank"]][d["reason"]] = by_rank[d["rank"]].get(d["reason"], 0) + d["count"]
+        mine = by_proc.setdefault((d["rank"], d["pid"]), {})
+        mine[d["reason"]] = mine.get(d["reason"], 0) + d["count"]
     ranks = []
     for r in run.ranks():
         dur = (r["end"] - r["start"]) / 1e9 if r["end"] > r["start"] else 0.0
@@ -373,14 +373,17 @@ def capture_stats(run) -> dict:
                       "records": r["records"], "seconds": round(dur, 6),
                       "records_per_s": round(r["records"] / dur, 1) if dur else None,
                       "dropped": r["dropped"], "salvaged": r["salvaged"],
-                      "drops": by_rank.get(r["rank"], {}) if r["role"] == "rank" else {}})
+                      "drops": by_proc.get((r["rank"], r["pid"]), {})})
     parts = []
     total_records = total_file = 0
     for p in run.partitions:
         size = os.path.getsize(p.path)
         n = len(p)
         c = p.counters()
-        parts.append({"node": p.node, "path": p.path, "records": n, "file_bytes": size,
+        senders = p.senders(n)  # the records no process sent: the aggregator's samples
+        parts.append({"node": p.node, "path": p.path, "records": n,
+                      "telemetry_records": int((senders[1] < 0).sum()) if senders else None,
+                      "file_bytes": size,
                       "file_bytes_per_record": round(size / n, 2) if n else None,
                       "record_bytes": R.RECORD_SIZE, "strings": c.get("strings", 0),
                       "string_heap_bytes": int(p.f["string_heap"].shape[0]),
