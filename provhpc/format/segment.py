@@ -33,7 +33,7 @@ from .records import RECORD_DTYPE, RECORD_SIZE
 
 __all__ = [
     "DROPS_OFFSET", "HEADER", "Layout", "MAGIC", "NREASONS", "SLOT_ENTRY",
-    "Segment", "TABLE_OFFSET", "VERSION", "segment_name", "shm_dir"
+    "Segment", "TABLE_OFFSET", "VERSION", "never_made", "segment_name", "shm_dir"
 ]
 
 MAGIC = b"PRVHSEG1"
@@ -77,6 +77,18 @@ def parse_segment_name(name: str, run_id: str) -> tuple[str, int, int] | None:
     if m is None:
         return None
     return m.group("node"), int(m.group("rank")), int(m.group("pid"))
+
+
+def never_made(path: str) -> bool:
+    """Whether the segment file ``path`` was left unfinished by its creator: shorter than
+    the magic, or the magic not written yet.  :meth:`Segment.create` writes the header
+    before any record, so such a file holds none (its process died making it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+    except OSError:
+        return False
+    return len(head) < len(MAGIC) or head == bytes(len(MAGIC))
 
 
 def _align(n: int, a: int = 64) -> int:

@@ -32,7 +32,14 @@ from ..format.modes import remove_rendezvous_dirs, run_modes
 from ..format.partition import DISK_RESERVE, RECORD_CHUNK, PartitionWriter
 from ..format.procs import pid_alive, writer_alive
 from ..format.records import F_SALVAGED, RECORD_DTYPE, RECORD_SIZE, STRING
-from ..format.segment import Segment, parse_segment_name, segment_name, segment_prefix, shm_dir
+from ..format.segment import (
+    Segment,
+    never_made,
+    parse_segment_name,
+    segment_name,
+    segment_prefix,
+    shm_dir,
+)
 from ..format.strings import StringMap, valid_definition
 from . import telemetry as _telemetry
 
@@ -750,10 +757,17 @@ class Aggregator:
             if pid_alive(pid, seen):
                 continue
             self._orphans.add(pid)
+            path = os.path.join(shm_dir(), name)
             try:
-                seg = self._attach(os.path.join(shm_dir(), name), rank, pid)
+                seg = self._attach(path, rank, pid)
             except (OSError, ValueError) as exc:
-                log.warning("orphan segment %s not salvaged: %s", name, exc)
+                if never_made(path):  # no record in it: nothing to keep in /dev/shm
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    log.info("removed %s: pid %d (rank %d) died making it, before any "
+                             "record", name, pid, rank)
+                else:
+                    log.warning("orphan segment %s not salvaged: %s", name, exc)
                 continue
             worker = any(s.rank == rank and s.role == "rank" for s in self.streams.values())
             s = Stream(b"orphan:%d" % pid, {"rank": rank, "pid": pid,

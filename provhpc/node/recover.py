@@ -29,7 +29,7 @@ from .._progress import track
 from ..format import records as R
 from ..format.partition import PartitionWriter, check_partition, open_partition
 from ..format.procs import pid_alive
-from ..format.segment import FREE, Segment, parse_segment_name, shm_dir
+from ..format.segment import FREE, Segment, never_made, parse_segment_name, shm_dir
 from ..format.strings import StringMap, unknown_ids, valid_definition
 
 log = logging.getLogger("provhpc.recover")
@@ -301,7 +301,11 @@ def _salvage_segment(w: PartitionWriter, st: _State, seg: dict, entry: dict) -> 
     try:
         s = Segment.attach(seg["path"])
     except (OSError, ValueError) as exc:
-        seg["action"] = f"skipped: {exc}"
+        if never_made(seg["path"]) and not pid_alive(seg["pid"]):
+            os.unlink(seg["path"])  # no record in it: nothing to keep in /dev/shm
+            seg["action"] = "removed: its process died making it, before any record"
+        else:
+            seg["action"] = f"skipped: {exc}"
         return
     try:
         if s.rank != seg["rank"] or s.pid != seg["pid"]:
