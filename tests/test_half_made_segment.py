@@ -5,7 +5,8 @@ in between (here: a real process that does the first two steps and then gets a r
 SIGKILL) leaves a file with no header, which holds no record.  The node's aggregator, and
 ``provhpc recover`` after it, remove such a file of a dead process instead of keeping it
 forever as "not a provhpc segment"; a half-made file of a process that still runs is left
-alone.
+alone.  The aggregator records that rank as killed with no record, and does not wait
+for it to come.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ def _half_made(run_id, node, rank, mode="die"):
     return proc, path
 
 
-def test_the_aggregator_removes_the_segment_of_a_rank_killed_making_it(venv_bin, clean_env,
-                                                                        tmp_path):
+def test_the_aggregator_removes_a_rank_killed_making_its_segment_and_ends(venv_bin, clean_env,
+                                                                         tmp_path):
     from provhpc.capture.agent import Agent
     from provhpc.format import records as R
     from provhpc.format.segment import segment_name, shm_dir
     from provhpc.launch.config import load
     from provhpc.launch.identity import Identity
+    from provhpc.post.reader import Run
 
     run_id, node = "half-" + os.urandom(3).hex(), "n0"
     rt = tmp_path / "rt"
@@ -63,7 +65,7 @@ def test_the_aggregator_removes_the_segment_of_a_rank_killed_making_it(venv_bin,
     env = {**clean_env, "PROVHPC_HEARTBEAT": "0.05", "PROVHPC_TELEMETRY_INTERVAL": "0"}
     agg = subprocess.Popen([os.path.join(venv_bin, "provhpc"), "aggregate", "--run-id", run_id,
                             "--node", node, "--out", str(tmp_path / "prov"), "--endpoint",
-                            endpoint, "--ready", ready, "--expect", "1", "--linger", "60"],
+                            endpoint, "--ready", ready, "--expect", "2", "--linger", "60"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seg = os.path.join(shm_dir(), segment_name(run_id, node, 1, os.getpid()))
     dead = None
@@ -84,7 +86,16 @@ def test_the_aggregator_removes_the_segment_of_a_rank_killed_making_it(venv_bin,
             time.sleep(0.05)
         assert agent.emit(R.METRIC, R.V_FLOAT, 0, 0, 0, time.time_ns(), "loss", None, 0, 0, 0.5)
         assert agent.shutdown()
-        assert agg.wait(15) == 0
+        assert agg.wait(15) == 0  # rank 0 counts as ended: not after --linger 60
+        run = Run(str(tmp_path / "prov" / run_id))
+        (part,) = run.partitions
+        assert part.complete
+        rows = {int(r["rank"]): r for r in part.ranks()}
+        assert rows[0]["status"].decode() == "killed" and int(rows[0]["records"]) == 0
+        assert int(rows[0]["pid"]) == int(dead.rsplit("-p", 1)[1])
+        assert rows[1]["status"].decode() == "ok" and int(rows[1]["records"]) >= 1
+        assert run.end()["state"] == "killed" and run.end()["ranks"] == [0], run.end()
+        run.close()
     finally:
         agg.kill()
         agg.wait()

@@ -95,6 +95,7 @@ class Aggregator:
         self.ready = threading.Event()
         self.exit_status = 0
         self._orphans: set[int] = set()
+        self._unseen: set[int] = set()  # pids recorded as ended before a hello, no segment
         # The rank that started this aggregator ({"rank", "local_rank", "pid"}; None when
         # started by hand), watched until its hello: see _check_leader.  It was alive when
         # it started us, which dates it against a later owner of its pid.
@@ -766,6 +767,11 @@ class Aggregator:
                         os.unlink(path)
                     log.info("removed %s: pid %d (rank %d) died making it, before any "
                              "record", name, pid, rank)
+                    lead = self._leader if self._leader and self._leader[2] == pid else None
+                    worker = lead is None and any(s.rank == rank and s.role == "rank"
+                                                  for s in self.streams.values())
+                    self._ended_unseen(rank, lead[1] if lead else -1, pid,
+                                       "worker" if worker else "rank", seen)
                 else:
                     log.warning("orphan segment %s not salvaged: %s", name, exc)
                 continue
@@ -828,27 +834,43 @@ class Aggregator:
         if self._leader is None:
             return
         rank, local_rank, pid = self._leader
-        if pid in self._orphans or any(s.pid == pid for s in self.streams.values()):
-            self._leader = None  # it said hello, or its segment was salvaged: seen to there
+
+        def seen() -> bool:  # it said hello, or its segment was salvaged: seen to there
+            return any(s.pid == pid for s in self.streams.values())
+
+        if seen():
+            self._leader = None
+            return
+        if pid in self._unseen:  # its segment was found half-made: recorded there
+            self._leader = None
             return
         if pid_alive(pid, self._leader_seen):
             return
         if drain is not None:
             drain()  # its hello may still be in the socket
-            if any(s.pid == pid for s in self.streams.values()):
+            if seen():
                 self._leader = None
                 return
         self._leader = None
-        self._orphans.add(pid)  # a hello still on its way is refused, as an orphan's
-        self.writer.upsert_rank((rank, pid), {
-            "rank": rank, "local_rank": local_rank, "pid": pid, "role": "rank",
-            "host": socket.gethostname(), "node": self.node, "start": self._leader_seen,
-            "end": time.time_ns(), "status": "killed", "exit_code": -1, "records": 0,
-            "reported": -1})
-        self.closed_ranks += 1
-        self._flush()
+        self._ended_unseen(rank, local_rank, pid, "rank", self._leader_seen)
         log.info("rank %d (pid %d), which started this aggregator, ended before it said "
                  "hello", rank, pid)
+
+    def _ended_unseen(self, rank: int, local_rank: int, pid: int, role: str,
+                      start: int) -> None:
+        """Record a process that ended before its hello, with no record to salvage, as
+        killed (it ended without a goodbye, as this aggregator saw); a rank counts as
+        closed, so that the partition is completed without waiting for it."""
+        self._orphans.add(pid)  # a hello still on its way is refused, as an orphan's
+        self._unseen.add(pid)
+        self.writer.upsert_rank((rank, pid), {
+            "rank": rank, "local_rank": local_rank, "pid": pid, "role": role,
+            "host": socket.gethostname(), "node": self.node, "start": start,
+            "end": time.time_ns(), "status": "killed", "exit_code": -1, "records": 0,
+            "reported": -1})
+        if role == "rank":
+            self.closed_ranks += 1
+        self._flush()
 
     def _salvage(self, s: Stream, status: str) -> None:
         """Take every record the rank wrote that is not yet on disk, oldest slot first."""
