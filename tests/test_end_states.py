@@ -18,7 +18,13 @@ import time
 
 import h5py
 import pytest
-from test_faults_lib import kill_tree, remove_segments
+from test_faults_lib import (
+    check_rank0_ended_unseen,
+    kill_tree,
+    rank_agent,
+    remove_segments,
+    start_aggregator,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -206,36 +212,17 @@ def test_a_leader_killed_before_its_hello_completes_the_partition_now(venv_bin, 
     instead of waiting ``--linger`` seconds for a rank that cannot come (the run read
     ``running`` meanwhile).  The leader here is a real process, killed by a real SIGKILL;
     the other rank is a real agent that says hello, writes and says goodbye."""
-    from provhpc.capture.agent import Agent
     from provhpc.format import records as R
-    from provhpc.format.segment import segment_name, shm_dir
-    from provhpc.launch.config import load
-    from provhpc.launch.identity import Identity
-    from provhpc.post.reader import Run
 
     run_id, node = "leader-" + os.urandom(3).hex(), "n0"
-    rt = tmp_path / "rt"
-    rt.mkdir(mode=0o700)
-    endpoint, ready = f"ipc://{rt}/sock", str(rt / "ready")
+    (tmp_path / "rt").mkdir(mode=0o700)
     leader = subprocess.Popen(["sleep", "60"])
-    meta = rt / "meta.json"
+    meta = tmp_path / "rt" / "meta.json"
     meta.write_text(json.dumps({"_leader": {"rank": 0, "local_rank": 0, "pid": leader.pid}}))
-    env = {**clean_env, "PROVHPC_HEARTBEAT": "0.05", "PROVHPC_TELEMETRY_INTERVAL": "0"}
-    agg = subprocess.Popen([os.path.join(venv_bin, "provhpc"), "aggregate", "--run-id", run_id,
-                            "--node", node, "--out", str(tmp_path / "prov"), "--endpoint",
-                            endpoint, "--ready", ready, "--expect", "2", "--linger", "60",
-                            "--meta-file", str(meta)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    agg, endpoint = start_aggregator(venv_bin, clean_env, tmp_path, run_id, node, "--expect",
+                                     "2", "--linger", "60", "--meta-file", str(meta))
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline and agg.poll() is None, "aggregator not ready"
-            time.sleep(0.02)
-        cfg = load(out=str(tmp_path / "prov"), run_id=run_id, flush_interval=0.2)
-        seg = os.path.join(shm_dir(), segment_name(run_id, node, 1, os.getpid()))
-        agent = Agent(cfg, Identity(rank=1, local_rank=1, node=node, host=node), run_id,
-                      endpoint, seg)
-        assert agent.wait_ready(10)
+        agent = rank_agent(tmp_path, run_id, node, 1, endpoint)
         assert agent.emit(R.METRIC, R.V_FLOAT, 0, 0, 0, time.time_ns(), "loss", None, 0, 0, 0.5)
         assert agent.shutdown()  # rank 1 said goodbye: 1 of the 2 expected ranks closed
         time.sleep(0.5)
@@ -245,16 +232,8 @@ def test_a_leader_killed_before_its_hello_completes_the_partition_now(venv_bin, 
         t0 = time.monotonic()
         assert agg.wait(15) == 0  # not after --linger 60
         took = time.monotonic() - t0
-        run = Run(str(tmp_path / "prov" / run_id))
-        part = run.partitions[0]
-        assert part.complete
-        rows = {int(r["rank"]): r for r in part.ranks()}
-        assert rows[0]["status"].decode() == "killed" and int(rows[0]["pid"]) == leader.pid
-        assert int(rows[0]["records"]) == 0
-        assert rows[1]["status"].decode() == "ok" and int(rows[1]["records"]) >= 1
-        assert run.end()["state"] == "killed" and run.end()["ranks"] == [0], run.end()
+        check_rank0_ended_unseen(tmp_path, run_id, leader.pid)
         assert took < 10, took
-        run.close()
     finally:
         leader.kill()
         agg.kill()

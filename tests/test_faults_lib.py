@@ -230,3 +230,55 @@ def check_rank_counts(rdir: str) -> dict:
                          for r in f["ranks"][:] if r["role"] == b"rank"})
     assert {r: n for r, (n, _) in rows.items()} == held, (rows, held)
     return rows
+
+
+def start_aggregator(venv_bin, env, tmp_path, run_id: str, node: str, *extra: str):
+    """A real ``provhpc aggregate`` of ``run_id`` on ``node`` writing into ``tmp_path/prov``
+    (heartbeat 0.05 s, no telemetry; its runtime files in ``tmp_path/rt``), once it is
+    ready: ``(process, endpoint)``."""
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700, exist_ok=True)
+    endpoint, ready = f"ipc://{rt}/sock", str(rt / "ready")
+    env = {**env, "PROVHPC_HEARTBEAT": "0.05", "PROVHPC_TELEMETRY_INTERVAL": "0"}
+    proc = subprocess.Popen([os.path.join(venv_bin, "provhpc"), "aggregate", "--run-id", run_id,
+                             "--node", node, "--out", str(tmp_path / "prov"), "--endpoint",
+                             endpoint, "--ready", ready, *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(ready):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the aggregator did not get ready")
+        time.sleep(0.02)
+    return proc, endpoint
+
+
+def rank_agent(tmp_path, run_id: str, node: str, rank: int, endpoint: str):
+    """A real agent of ``rank`` in this process, sending to ``endpoint``, welcomed."""
+    from provhpc.capture.agent import Agent
+    from provhpc.format.segment import segment_name
+    from provhpc.launch.config import load
+    from provhpc.launch.identity import Identity
+
+    cfg = load(out=str(tmp_path / "prov"), run_id=run_id, flush_interval=0.2)
+    seg = os.path.join(shm_dir(), segment_name(run_id, node, rank, os.getpid()))
+    agent = Agent(cfg, Identity(rank=rank, local_rank=rank, node=node, host=node), run_id,
+                  endpoint, seg)
+    assert agent.wait_ready(10)
+    return agent
+
+
+def check_rank0_ended_unseen(tmp_path, run_id: str, pid: int) -> None:
+    """The run's one partition is complete; rank 0 (``pid``) is listed killed with no
+    record, rank 1 ok with its records, and the run ended killed by rank 0."""
+    from provhpc.post.reader import Run
+
+    with Run(str(tmp_path / "prov" / run_id)) as run:
+        (part,) = run.partitions
+        assert part.complete
+        rows = {int(r["rank"]): r for r in part.ranks()}
+        assert rows[0]["status"].decode() == "killed" and int(rows[0]["pid"]) == pid
+        assert int(rows[0]["records"]) == 0
+        assert rows[1]["status"].decode() == "ok" and int(rows[1]["records"]) >= 1
+        assert run.end()["state"] == "killed" and run.end()["ranks"] == [0], run.end()

@@ -19,6 +19,9 @@ import sys
 import time
 
 import pytest
+from test_faults_lib import check_rank0_ended_unseen, rank_agent, start_aggregator
+
+from provhpc.format.segment import shm_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,33 +54,16 @@ def _half_made(run_id, node, rank, mode="die"):
 
 def test_the_aggregator_removes_a_rank_killed_making_its_segment_and_ends(venv_bin, clean_env,
                                                                          tmp_path):
-    from provhpc.capture.agent import Agent
     from provhpc.format import records as R
-    from provhpc.format.segment import segment_name, shm_dir
-    from provhpc.launch.config import load
-    from provhpc.launch.identity import Identity
-    from provhpc.post.reader import Run
+    from provhpc.format.segment import segment_name
 
     run_id, node = "half-" + os.urandom(3).hex(), "n0"
-    rt = tmp_path / "rt"
-    rt.mkdir(mode=0o700)
-    endpoint, ready = f"ipc://{rt}/sock", str(rt / "ready")
-    env = {**clean_env, "PROVHPC_HEARTBEAT": "0.05", "PROVHPC_TELEMETRY_INTERVAL": "0"}
-    agg = subprocess.Popen([os.path.join(venv_bin, "provhpc"), "aggregate", "--run-id", run_id,
-                            "--node", node, "--out", str(tmp_path / "prov"), "--endpoint",
-                            endpoint, "--ready", ready, "--expect", "2", "--linger", "60"],
-                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agg, endpoint = start_aggregator(venv_bin, clean_env, tmp_path, run_id, node, "--expect",
+                                     "2", "--linger", "60")
     seg = os.path.join(shm_dir(), segment_name(run_id, node, 1, os.getpid()))
     dead = None
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline and agg.poll() is None, "aggregator not ready"
-            time.sleep(0.02)
-        cfg = load(out=str(tmp_path / "prov"), run_id=run_id, flush_interval=0.2)
-        agent = Agent(cfg, Identity(rank=1, local_rank=1, node=node, host=node), run_id,
-                      endpoint, seg)
-        assert agent.wait_ready(10)
+        agent = rank_agent(tmp_path, run_id, node, 1, endpoint)
         _proc, dead = _half_made(run_id, node, 0)
         deadline = time.monotonic() + 15
         while os.path.exists(dead):  # the orphan sweep of the running aggregator
@@ -87,15 +73,7 @@ def test_the_aggregator_removes_a_rank_killed_making_its_segment_and_ends(venv_b
         assert agent.emit(R.METRIC, R.V_FLOAT, 0, 0, 0, time.time_ns(), "loss", None, 0, 0, 0.5)
         assert agent.shutdown()
         assert agg.wait(15) == 0  # rank 0 counts as ended: not after --linger 60
-        run = Run(str(tmp_path / "prov" / run_id))
-        (part,) = run.partitions
-        assert part.complete
-        rows = {int(r["rank"]): r for r in part.ranks()}
-        assert rows[0]["status"].decode() == "killed" and int(rows[0]["records"]) == 0
-        assert int(rows[0]["pid"]) == int(dead.rsplit("-p", 1)[1])
-        assert rows[1]["status"].decode() == "ok" and int(rows[1]["records"]) >= 1
-        assert run.end()["state"] == "killed" and run.end()["ranks"] == [0], run.end()
-        run.close()
+        check_rank0_ended_unseen(tmp_path, run_id, int(dead.rsplit("-p", 1)[1]))
     finally:
         agg.kill()
         agg.wait()
