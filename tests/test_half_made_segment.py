@@ -26,7 +26,8 @@ from provhpc.format.segment import shm_dir
 pytestmark = pytest.mark.timeout(120)
 
 # Makes the segment file of its own pid as Segment.create does, up to the header, and
-# dies there by a real SIGKILL (or, with "live", waits to be killed).
+# dies there by a real SIGKILL once the test saw the file (or, with "live", waits to be
+# killed).
 MAKER = r"""
 import os, signal, sys, time
 from provhpc.format.segment import segment_name, shm_dir
@@ -35,6 +36,7 @@ path = os.path.join(shm_dir(), segment_name(run_id, node, rank, os.getpid()))
 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
 os.ftruncate(fd, 1 << 20)
 print(path, flush=True)
+sys.stdin.readline()  # the test saw the file
 if mode == "live":
     time.sleep(60)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -43,12 +45,14 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def _half_made(run_id, node, rank, mode="die"):
     proc = subprocess.Popen([sys.executable, "-c", MAKER, run_id, node, str(rank), mode],
-                            stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     path = proc.stdout.readline().strip()
     proc.stdout.close()
+    assert os.path.exists(path)  # (its maker lives: nothing removes it yet)
+    proc.stdin.write("\n")
+    proc.stdin.close()
     if mode != "live":
         assert proc.wait(30) == -signal.SIGKILL
-    assert os.path.exists(path)
     return proc, path
 
 
