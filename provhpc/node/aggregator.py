@@ -759,6 +759,7 @@ class Aggregator:
                 continue
             self._orphans.add(pid)
             path = os.path.join(shm_dir(), name)
+            worker = any(s.rank == rank and s.role == "rank" for s in self.streams.values())
             try:
                 seg = self._attach(path, rank, pid)
             except (OSError, ValueError) as exc:
@@ -768,14 +769,11 @@ class Aggregator:
                     log.info("removed %s: pid %d (rank %d) died making it, before any "
                              "record", name, pid, rank)
                     lead = self._leader if self._leader and self._leader[2] == pid else None
-                    worker = lead is None and any(s.rank == rank and s.role == "rank"
-                                                  for s in self.streams.values())
                     self._ended_unseen(rank, lead[1] if lead else -1, pid,
                                        "worker" if worker else "rank", seen)
                 else:
                     log.warning("orphan segment %s not salvaged: %s", name, exc)
                 continue
-            worker = any(s.rank == rank and s.role == "rank" for s in self.streams.values())
             s = Stream(b"orphan:%d" % pid, {"rank": rank, "pid": pid,
                                             "role": "worker" if worker else "rank"}, seg, "shm")
             self.streams[s.key] = s
@@ -835,13 +833,10 @@ class Aggregator:
             return
         rank, local_rank, pid = self._leader
 
-        def seen() -> bool:  # it said hello, or its segment was salvaged: seen to there
-            return any(s.pid == pid for s in self.streams.values())
+        def seen() -> bool:  # it said hello, its segment was salvaged or found half-made
+            return pid in self._unseen or any(s.pid == pid for s in self.streams.values())
 
         if seen():
-            self._leader = None
-            return
-        if pid in self._unseen:  # its segment was found half-made: recorded there
             self._leader = None
             return
         if pid_alive(pid, self._leader_seen):

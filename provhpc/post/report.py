@@ -182,7 +182,7 @@ def plot_records(run, path: str, s: dict) -> str:
     by_rank: dict[int, dict] = {}  # a rank's processes together (its children, workers)
     for r in s["ranks"]:
         mine = by_rank.setdefault(r["rank"], {})
-        for k, v in r["records_by_kind"].items():
+        for k, v in [*r["records_by_kind"].items(), ("dropped", r["dropped"])]:
             mine[k] = mine.get(k, 0) + v
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2), layout="constrained")
     x = np.arange(len(ranks))
@@ -196,8 +196,7 @@ def plot_records(run, path: str, s: dict) -> str:
     ax1.set_ylabel("records")
     ax1.legend(fontsize=7)
     ax1.set_title("Records per rank", fontsize=10)
-    drops = np.array([sum(q["dropped"] for q in s["ranks"] if q["rank"] == r["rank"])
-                      for r in ranks], float)
+    drops = np.array([by_rank[r["rank"]]["dropped"] for r in ranks], float)
     ax2.bar(x, drops, color="#c44e52")
     ax2.set_xticks(x, [str(r["rank"]) for r in ranks])
     ax2.set_xlabel("rank")
