@@ -33,6 +33,7 @@ from test_faults_lib import (
     run_dir,
     start_job,
     wait_for,
+    witnesses,
     write_program,
 )
 
@@ -98,6 +99,7 @@ def test_rank_sigkill_loses_no_returned_record(seed, tmp_path, venv_bin, clean_e
         except AssertionError as e:  # say what the job and its ranks were (a rare failure)
             ranks = summary(Run(rdir)).get("ranks")
             raise AssertionError(f"{e}\nrank pids {pids}, victims {victims}\nranks {ranks}\n"
+                                 f"witnesses {witnesses(tmp_path, NRANKS)}\n"
                                  f"job output:\n{output(proc)}") from None
         assert not leftover_segments(os.path.basename(rdir)), "salvaged segments not removed"
     _log_figures(test="rank_sigkill", seed=seed, victims=victims, returned_records=n, lost=0)

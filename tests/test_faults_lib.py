@@ -35,11 +35,13 @@ struct.pack_into("<q", mm, 0, -1)
 with open(f"{out}/pid.{rank}.tmp", "w") as fh:
     fh.write(str(os.getpid()))
 os.replace(f"{out}/pid.{rank}.tmp", f"{out}/pid.{rank}")
+check = os.open(f"{out}/checkpoint.{rank}", os.O_WRONLY | os.O_CREAT, 0o600)
 pace = int(os.environ.get("FAULT_PACE", "200"))
 for i in range(n):
     provhpc.metric("x", float(i), step=i)
     struct.pack_into("<q", mm, 0, i)
     if i % pace == 0:
+        os.pwrite(check, struct.pack("<q", i), 0)  # a second witness, by write(2)
         time.sleep(0.001)
 if mode == "vanish":      # a rank that never says goodbye (once every rank has started)
     size = int(os.environ.get("PMI_SIZE", "1"))
@@ -121,6 +123,21 @@ def rank_pids(tmp_path, nranks: int) -> dict:
 def progress(tmp_path, rank: int) -> int:
     data = (tmp_path / "work" / f"progress.{rank}").read_bytes()
     return struct.unpack("<q", data[:8])[0] if len(data) >= 8 else -1
+
+
+def witnesses(tmp_path, nranks: int) -> dict:
+    """Per rank, for a failure's message: the last call PROGRAM saw return by its mmap'd
+    progress file, the same by its every-``pace`` write(2) checkpoint (a lower bound), and
+    the progress file's size and mtime."""
+    out = {}
+    for r in range(nranks):
+        path, check = tmp_path / "work" / f"progress.{r}", tmp_path / "work" / f"checkpoint.{r}"
+        data = check.read_bytes() if check.exists() else b""
+        st = path.stat() if path.exists() else None
+        out[r] = {"progress": progress(tmp_path, r) if st else None,
+                  "checkpoint": struct.unpack("<q", data[:8])[0] if len(data) >= 8 else None,
+                  "progress_file": (st.st_size, st.st_mtime_ns) if st else None}
+    return out
 
 
 def run_dir(out: str) -> str:
